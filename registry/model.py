@@ -1,0 +1,90 @@
+"""Domain types: what the registry knows about a plugin, free of protobuf and SQL."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class PluginType(enum.IntEnum):
+    """Mirrors ``polku.v1.PluginType``."""
+
+    UNSPECIFIED = 0
+    INGESTOR = 1
+    EMITTER = 2
+
+
+class PluginStatus(enum.IntEnum):
+    """Mirrors ``polku.v1.PluginStatus``."""
+
+    UNSPECIFIED = 0
+    UNKNOWN = 1
+    HEALTHY = 2
+    UNHEALTHY = 3
+    EXPIRED = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A validated Register request: what a plugin says about itself."""
+
+    name: str
+    type: PluginType
+    address: str
+    version: str = ""
+    description: str = ""
+    sources: tuple[str, ...] = ()
+    emitter_name: str = ""
+    capabilities: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    # Seconds; 0 means no lease (the plugin lives by health checks alone).
+    lease_ttl_seconds: int = 0
+
+    @property
+    def emitter_key(self) -> str:
+        """The name an emitter is resolved by: its emitter name, else its plugin name."""
+        return (self.emitter_name or self.name) if self.type is PluginType.EMITTER else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Plugin:
+    """One registered plugin instance. Immutable: a change makes a new one."""
+
+    plugin_id: str
+    registration: Registration
+    status: PluginStatus
+    registered_at: datetime
+    last_heartbeat_at: datetime | None = None
+    last_check_at: datetime | None = None
+    last_error: str = ""
+    # The registry revision of this plugin's last change.
+    revision: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.registration.name
+
+    @property
+    def address(self) -> str:
+        return self.registration.address
+
+    @property
+    def routable(self) -> bool:
+        """Whether traffic may be sent to it."""
+        return self.status is PluginStatus.HEALTHY
+
+    @property
+    def live(self) -> bool:
+        """Whether it still holds its sources and emitter name (its lease has not lapsed)."""
+        return self.status is not PluginStatus.EXPIRED
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One revision of the registry: plugins added or changed, and ids removed."""
+
+    revision: int
+    upserted: tuple[Plugin, ...] = ()
+    removed: tuple[str, ...] = ()

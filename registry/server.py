@@ -1,0 +1,162 @@
+"""The registry server: its wiring and lifecycle on one screen.
+
+    async with RegistryServer(RegistrySettings(listen="127.0.0.1:0")) as server:
+        print(server.address)
+        await server.wait_closed()
+
+Start order: store → migrations → state → gRPC (registry, health, reflection) →
+background tasks. Stop order: own health NOT_SERVING → ``server.stop(grace)`` →
+background tasks → state (final flush) → engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from registry.errors import RegistryError, StoreError
+from registry.migrate import upgrade
+from registry.service import RegistryService
+from registry.settings import RegistrySettings
+from registry.state import RegistryState
+from registry.store import SqlStore
+from registry.wire import pb, pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["PluginRegistry"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class RegistryServer:
+    """A running PluginRegistry: ``start()``, idempotent ``stop(grace)``, or ``async with``."""
+
+    def __init__(self, settings: RegistrySettings | None = None) -> None:
+        self.settings = settings or RegistrySettings()
+        self.port = 0
+        self._store: SqlStore | None = None
+        self._state: RegistryState | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = HealthServicer()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        """``host:port`` it listens on (the real port when started on port 0)."""
+        host = self.settings.listen.rpartition(":")[0] or "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    @property
+    def state(self) -> RegistryState:
+        if self._state is None:
+            raise RegistryError("the registry server is not started")
+        return self._state
+
+    async def start(self) -> None:
+        """Open and migrate the database, load the catalog, then serve.
+
+        Raises:
+            StoreError: the database cannot be opened, migrated or read.
+            RegistryError: the listen address cannot be bound.
+        """
+        settings = self.settings
+        try:
+            self._store = SqlStore.open(settings.database_url)
+        except ValueError as exc:
+            raise StoreError(f"database URL: {exc}") from exc
+        await upgrade(self._store.engine)
+        self._state = RegistryState(self._store, flush_interval=settings.flush_interval)
+        await self._state.start()
+
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", 256 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_PluginRegistryServicer_to_server(RegistryService(self._state, settings), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        try:
+            self.port = server.add_insecure_port(settings.listen)
+        except RuntimeError as exc:
+            await self.stop()
+            raise RegistryError(f"cannot listen on {settings.listen}: {exc}") from exc
+        self._server = server
+        await server.start()
+        await self._set_health(True)
+        self._tasks.append(asyncio.create_task(self._watch_database(), name="registry-db-health"))
+        log.info("registry serving on %s (revision %d)", self.address, self._state.catalog.revision)
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Stop serving, letting calls in flight finish within ``grace`` seconds.
+
+        Idempotent and safe before ``start``.
+        """
+        await self._health.enter_graceful_shutdown()
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(grace)
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._state is not None:
+            await self._state.stop()
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+        self._stopped.set()
+
+    async def wait_closed(self) -> None:
+        """Wait until :meth:`stop` has finished."""
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> RegistryServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def _set_health(self, serving: bool) -> None:
+        status = _SERVING if serving else _NOT_SERVING
+        await self._health.set("", status)
+        await self._health.set(SERVICE_NAME, status)
+
+    async def _watch_database(self) -> None:
+        """Own health follows the database: NOT_SERVING while it does not answer."""
+        serving = True
+        while True:
+            await asyncio.sleep(self.settings.db_check_interval)
+            try:
+                assert self._store is not None
+                await self._store.ping()
+                ok = self.state.writable
+            except StoreError as exc:
+                ok = False
+                if serving:
+                    log.warning("registry database unreachable: %s", exc)
+            except Exception:
+                log.exception("database health check failed")
+                continue
+            if ok != serving:
+                serving = ok
+                await self._set_health(ok)

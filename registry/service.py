@@ -1,0 +1,157 @@
+"""The PluginRegistry gRPC servicer: wire messages in, one state call, wire messages out.
+
+Only this module turns domain errors into status codes. Nothing a client sends can
+produce UNKNOWN: unexpected failures answer INTERNAL and are logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.empty_pb2 import Empty
+
+from registry import convert
+from registry.errors import AlreadyExists, InvalidArgument, NotFound, RegistryUnavailable
+from registry.model import Plugin
+from registry.settings import RegistrySettings
+from registry.state import RegistryState
+from registry.validation import check_plugin_id, plugin_type_filter, registration_from_request, status_filter
+from registry.wire import pb, pb_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 1000
+MAX_PAGE_SIZE = 10_000
+_TOKEN_PREFIX = b"after:"
+
+_CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (RegistryUnavailable, grpc.StatusCode.UNAVAILABLE),
+]
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+
+
+def _status_mapped(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Answer domain errors with their status code, anything else with INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            code = next((c for kind, c in _CODES if isinstance(exc, kind)), None)
+            if code is None:
+                log.exception("%s failed", method.__name__)
+                code, exc = grpc.StatusCode.INTERNAL, Exception("internal error; see the registry's log")
+            await context.abort(code, str(exc))
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def page_token(after: str) -> str:
+    return base64.urlsafe_b64encode(_TOKEN_PREFIX + after.encode()).decode()
+
+
+def _after(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        raw = base64.urlsafe_b64decode(token.encode())
+    except (binascii.Error, ValueError):
+        raw = b""
+    if not raw.startswith(_TOKEN_PREFIX):
+        raise InvalidArgument("page_token", "is not a next_page_token from ListPlugins")
+    return raw[len(_TOKEN_PREFIX) :].decode(errors="replace")
+
+
+class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
+    """Maps each RPC of ``polku.v1.PluginRegistry`` to one call on the state."""
+
+    def __init__(self, state: RegistryState, settings: RegistrySettings) -> None:
+        self._state = state
+        self._settings = settings
+
+    @_status_mapped
+    async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.RegisterResponse:
+        registration = registration_from_request(request, self._settings.lease_ttl, self._settings.limits)
+        plugin = await self._state.register(registration)
+        ttl = registration.lease_ttl_seconds
+        return pb.RegisterResponse(
+            accepted=True,
+            message="registered",
+            plugin_id=plugin.plugin_id,
+            lease_ttl_seconds=ttl,
+            heartbeat_interval_seconds=max(1, ttl // 3),
+        )
+
+    @_status_mapped
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
+        plugin_id = check_plugin_id("plugin_id", request.plugin_id, self._settings.limits)
+        return pb.HeartbeatResponse(acknowledged=self._state.heartbeat(plugin_id) is not None)
+
+    @_status_mapped
+    async def Unregister(self, request: pb.UnregisterRequest, context: grpc.aio.ServicerContext) -> Empty:
+        plugin_id = check_plugin_id("plugin_id", request.plugin_id, self._settings.limits)
+        await self._state.remove([plugin_id])
+        return Empty()
+
+    @_status_mapped
+    async def ListPlugins(self, request: pb.ListPluginsRequest, context: grpc.aio.ServicerContext) -> pb.ListPluginsResponse:
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        matching = self._state.catalog.select(
+            type=plugin_type_filter(request.type),
+            source=request.source,
+            statuses=status_filter(request.statuses),
+            name=request.name,
+            after=_after(request.page_token),
+        )
+        page: list[Plugin] = []
+        for plugin in matching:
+            if len(page) == size:
+                # One more exists: hand out a token for the rest.
+                return self._page(page, page_token(page[-1].plugin_id))
+            page.append(plugin)
+        return self._page(page, "")
+
+    def _page(self, plugins: list[Plugin], token: str) -> pb.ListPluginsResponse:
+        return pb.ListPluginsResponse(
+            plugins=[convert.registered_plugin(p) for p in plugins],
+            revision=self._state.catalog.revision,
+            next_page_token=token,
+        )
+
+    @_status_mapped
+    async def GetPlugin(self, request: pb.GetPluginRequest, context: grpc.aio.ServicerContext) -> pb.RegisteredPlugin:
+        plugin_id = check_plugin_id("plugin_id", request.plugin_id, self._settings.limits)
+        plugin = self._state.catalog.get(plugin_id)
+        if plugin is None:
+            raise NotFound(f"plugin_id: no plugin {plugin_id!r} is registered")
+        return convert.registered_plugin(plugin)
+
+    @_status_mapped
+    async def Resolve(self, request: pb.ResolveRequest, context: grpc.aio.ServicerContext) -> pb.ResolveResponse:
+        target = request.WhichOneof("target")
+        if target == "source" and request.source:
+            plugins = self._state.catalog.by_source(request.source)
+        elif target == "emitter_name" and request.emitter_name:
+            plugins = self._state.catalog.by_emitter(request.emitter_name)
+        else:
+            raise InvalidArgument("target", "set source or emitter_name")
+        return pb.ResolveResponse(
+            endpoints=[convert.endpoint(p) for p in plugins if p.live],
+            revision=self._state.catalog.revision,
+        )

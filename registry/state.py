@@ -1,0 +1,157 @@
+"""The registry's authoritative state: the in-memory catalog, made durable by the journal.
+
+Every write checks and applies its change to the catalog at once (one event loop,
+no await in between, so the rules hold without locks), then waits for the group
+commit that holds it. Reads come from the catalog alone. If a commit fails, the
+catalog is reloaded from the database, which stays the source of truth, and
+writes answer "unavailable" until it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from registry.catalog import Catalog
+from registry.errors import RegistryUnavailable, StoreError
+from registry.journal import Journal
+from registry.model import Change, Plugin, Registration
+from registry.store import Store
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[list[Change]], None]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class RegistryState:
+    """Catalog + journal + store. Owned by the server: ``start()``, ``stop()``."""
+
+    def __init__(self, store: Store, *, flush_interval: float = 5.0, clock: Callable[[], datetime] = utcnow) -> None:
+        self.store = store
+        self.clock = clock
+        self.catalog = Catalog()
+        self.started_at = clock()
+        self._flush_interval = flush_interval
+        self._journal: Journal | None = None
+        self._listeners: list[Listener] = []
+        self._recovering: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Load the catalog from the store and start the writer.
+
+        Raises:
+            StoreError: the database cannot be read.
+        """
+        snapshot = await self.store.load()
+        self.catalog = Catalog(snapshot.plugins, snapshot.revision)
+        self.started_at = self.clock()
+        self._journal = Journal(
+            self.store,
+            revision=snapshot.revision,
+            flush_interval=self._flush_interval,
+            on_committed=self._publish,
+            on_failed=self._on_write_failed,
+        )
+        self._journal.start()
+
+    async def stop(self) -> None:
+        """Flush and stop the writer. Idempotent; safe before start."""
+        if self._recovering is not None:
+            self._recovering.cancel()
+        journal, self._journal = self._journal, None
+        if journal is not None:
+            await journal.stop()
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener`` with each committed batch of changes, in revision order."""
+        self._listeners.append(listener)
+
+    @property
+    def writable(self) -> bool:
+        return self._journal is not None and self._recovering is None
+
+    # -- writes ----------------------------------------------------------------
+
+    async def register(self, registration: Registration) -> Plugin:
+        """Store a new instance; durable when this returns.
+
+        Raises:
+            AlreadyExists: a claimed source or emitter name has another live owner.
+            RegistryUnavailable: the database cannot take writes now.
+        """
+        journal = self._writer()
+        plugin, change = self.catalog.register(registration, self.clock())
+        journal.record(change)
+        await journal.commit()
+        return plugin
+
+    def heartbeat(self, plugin_id: str) -> Plugin | None:
+        """Renew a lease in memory; persisted lazily. None when not acknowledged."""
+        plugin = self.catalog.heartbeat(plugin_id, self.clock())
+        if plugin is not None and self._journal is not None:
+            self._journal.touch(plugin)
+        return plugin
+
+    async def remove(self, plugin_ids: list[str]) -> None:
+        """Remove plugins (idempotent); durable when this returns.
+
+        Raises:
+            RegistryUnavailable: the database cannot take writes now.
+        """
+        journal = self._writer()
+        change = self.catalog.remove(plugin_ids)
+        if change is not None:
+            journal.record(change)
+        await journal.commit()
+
+    async def update(self, plugins: list[Plugin]) -> None:
+        """Store new states of existing plugins in one revision (the health checker's)."""
+        journal = self._writer()
+        change = self.catalog.update(plugins)
+        if change is not None:
+            journal.record(change)
+            await journal.commit()
+
+    # -- internals -------------------------------------------------------------
+
+    def _writer(self) -> Journal:
+        if self._journal is None:
+            raise RegistryUnavailable("the registry is not running")
+        if self._recovering is not None:
+            raise RegistryUnavailable("the registry database is unavailable; retry shortly")
+        return self._journal
+
+    def _publish(self, changes: list[Change]) -> None:
+        for listener in self._listeners:
+            try:
+                listener(changes)
+            except Exception:
+                log.exception("change listener failed")
+
+    async def _on_write_failed(self, _exc: StoreError) -> None:
+        if self._recovering is None:
+            self._recovering = asyncio.create_task(self._recover(), name="registry-recover")
+
+    async def _recover(self) -> None:
+        """Reload the catalog from the database, dropping changes that were not stored."""
+        delay = 0.1
+        while True:
+            try:
+                snapshot = await self.store.load()
+            except StoreError as exc:
+                log.warning("registry database still unavailable: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.catalog = Catalog(snapshot.plugins, snapshot.revision)
+            if self._journal is not None:
+                self._journal.reset(snapshot.revision)
+            log.info("registry catalog reloaded at revision %d", snapshot.revision)
+            self._recovering = None
+            return

@@ -1,0 +1,215 @@
+"""Durable storage of the catalog in SQLite (embedded default) or PostgreSQL.
+
+All SQL of the project lives here. The store keeps no state of its own beyond the
+engine: it loads everything at start and then writes batches of changes, one
+transaction per batch. Database errors leave it as :class:`StoreError`, chained.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import delete, event, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from registry.errors import StoreError
+from registry.model import Plugin, PluginStatus, PluginType, Registration
+from registry.tables import PluginRow, RegistryMetaRow
+
+_CHUNK = 500  # ids per IN (...) clause; SQLite caps bound parameters
+
+
+def default_database_url() -> str:
+    """The embedded default: an SQLite file under the user's data directory."""
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return f"sqlite+aiosqlite:///{base / 'polku-registry' / 'registry.db'}"
+
+
+def normalize_url(url: str) -> str:
+    """Pick the async driver for plain ``sqlite://`` and ``postgresql://`` URLs.
+
+    Raises:
+        ValueError: the URL is malformed or names an unsupported database.
+    """
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+    elif backend in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+asyncpg")
+    else:
+        raise ValueError(f"unsupported database {backend!r}: use sqlite:/// or postgresql://")
+    return parsed.render_as_string(hide_password=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything the store holds: the plugins and the global revision."""
+
+    plugins: list[Plugin]
+    revision: int
+
+
+@dataclass(slots=True)
+class Batch:
+    """Writes made durable together in one transaction."""
+
+    revision: int = 0
+    upserts: dict[str, Plugin] = field(default_factory=dict)
+    removals: set[str] = field(default_factory=set)
+
+    def upsert(self, plugin: Plugin) -> None:
+        self.upserts[plugin.plugin_id] = plugin
+        self.removals.discard(plugin.plugin_id)
+
+    def remove(self, plugin_id: str) -> None:
+        self.upserts.pop(plugin_id, None)
+        self.removals.add(plugin_id)
+
+    def __bool__(self) -> bool:
+        return bool(self.upserts or self.removals)
+
+
+class Store(Protocol):
+    """What the registry needs from its database."""
+
+    async def load(self) -> Snapshot: ...
+    async def write(self, batch: Batch) -> None: ...
+    async def ping(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+class SqlStore:
+    """The :class:`Store` on SQLAlchemy async: aiosqlite (WAL) or asyncpg."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str) -> SqlStore:
+        """Create the engine (no connection yet); creates the SQLite file's folder."""
+        url = normalize_url(url)
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_async_engine(url, connect_args={"timeout": 30})
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        else:
+            engine = create_async_engine(url, pool_pre_ping=True, pool_size=5)
+        return cls(engine)
+
+    async def load(self) -> Snapshot:
+        """Read every plugin and the revision.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        try:
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(select(PluginRow.__table__))).mappings().all()
+                revision = await conn.scalar(select(RegistryMetaRow.revision).where(RegistryMetaRow.id == 1))
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreError(f"cannot load the registry: {exc}") from exc
+        return Snapshot([_plugin_from_row(r) for r in rows], revision or 0)
+
+    async def write(self, batch: Batch) -> None:
+        """Apply a batch in one transaction; durable when this returns.
+
+        Raises:
+            StoreError: the database failed; nothing of the batch was written.
+        """
+        table = PluginRow.__table__
+        meta = RegistryMetaRow.__table__
+        gone = sorted(batch.removals | batch.upserts.keys())
+        try:
+            async with self.engine.begin() as conn:
+                for chunk in _chunks(gone):
+                    await conn.execute(delete(table).where(table.c.plugin_id.in_(chunk)))
+                if batch.upserts:
+                    await conn.execute(table.insert(), [_row_from_plugin(p) for p in batch.upserts.values()])
+                updated = await conn.execute(meta.update().where(meta.c.id == 1).values(revision=batch.revision))
+                if updated.rowcount == 0:
+                    await conn.execute(meta.insert().values(id=1, revision=batch.revision))
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreError(f"cannot write to the registry database: {exc}") from exc
+
+    async def ping(self) -> None:
+        """Raises StoreError when the database does not answer."""
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreError(f"database unreachable: {exc}") from exc
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    # WAL lets readers run beside the writer; synchronous=FULL fsyncs every
+    # commit, so an acknowledged write survives a crash of the machine too.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def _row_from_plugin(plugin: Plugin) -> dict[str, Any]:
+    reg = plugin.registration
+    return {
+        "plugin_id": plugin.plugin_id,
+        "name": reg.name,
+        "type": int(reg.type),
+        "address": reg.address,
+        "version": reg.version,
+        "description": reg.description,
+        "sources": list(reg.sources),
+        "emitter_name": reg.emitter_name,
+        "capabilities": list(reg.capabilities),
+        "labels": dict(reg.labels),
+        "lease_ttl_seconds": reg.lease_ttl_seconds,
+        "status": int(plugin.status),
+        "last_error": plugin.last_error,
+        "registered_at": plugin.registered_at,
+        "last_heartbeat_at": plugin.last_heartbeat_at,
+        "last_check_at": plugin.last_check_at,
+        "revision": plugin.revision,
+    }
+
+
+def _plugin_from_row(row: Any) -> Plugin:
+    registration = Registration(
+        name=row["name"],
+        type=PluginType(row["type"]),
+        address=row["address"],
+        version=row["version"],
+        description=row["description"],
+        sources=tuple(row["sources"]),
+        emitter_name=row["emitter_name"],
+        capabilities=tuple(row["capabilities"]),
+        labels=dict(row["labels"]),
+        lease_ttl_seconds=row["lease_ttl_seconds"],
+    )
+    return Plugin(
+        plugin_id=row["plugin_id"],
+        registration=registration,
+        status=PluginStatus(row["status"]),
+        registered_at=row["registered_at"],
+        last_heartbeat_at=row["last_heartbeat_at"],
+        last_check_at=row["last_check_at"],
+        last_error=row["last_error"],
+        revision=row["revision"],
+    )

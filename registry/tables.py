@@ -1,0 +1,78 @@
+"""The database schema as typed SQLAlchemy tables. Migrations in ``migrations/`` create it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite stores it naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given for a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(column_0_label)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class PluginRow(Base):
+    """One registered plugin instance.
+
+    Sources, capabilities and labels are JSON: every lookup by them is served from
+    the in-memory catalog, so the database only has to give them back whole.
+    """
+
+    __tablename__ = "plugins"
+
+    plugin_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), index=True)
+    type: Mapped[int] = mapped_column(Integer)
+    address: Mapped[str] = mapped_column(String(255))
+    version: Mapped[str] = mapped_column(String(64), default="")
+    description: Mapped[str] = mapped_column(Text, default="")
+    sources: Mapped[list[str]] = mapped_column(JSON, default=list)
+    emitter_name: Mapped[str] = mapped_column(String(63), default="")
+    capabilities: Mapped[list[str]] = mapped_column(JSON, default=list)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    lease_ttl_seconds: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[int] = mapped_column(Integer)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    registered_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    last_check_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    revision: Mapped[int] = mapped_column(BigInteger)
+
+
+class RegistryMetaRow(Base):
+    """A single row (id 1) holding the global revision, which outlives removed plugins."""
+
+    __tablename__ = "registry_meta"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    revision: Mapped[int] = mapped_column(BigInteger)

@@ -1,0 +1,21 @@
+"""ULIDs: 128-bit ids that sort by creation time (48-bit ms clock, 80 random bits)."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32
+ULID_PATTERN = re.compile(r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$")
+
+
+def new_ulid(now_ms: int | None = None) -> str:
+    """A fresh ULID as its 26-character Crockford base32 text."""
+    ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_ALPHABET[value & 0x1F])
+        value >>= 5
+    return "".join(reversed(chars))

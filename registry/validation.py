@@ -1,0 +1,171 @@
+"""Checks every field a client sends, before anything is stored.
+
+Each failure raises :class:`~registry.errors.InvalidArgument` naming the field
+and the reason, e.g. ``info.sources[2]: must match [A-Za-z0-9][A-Za-z0-9._:/-]*``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from registry.errors import InvalidArgument
+from registry.model import PluginStatus, PluginType, Registration
+from registry.wire import pb
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SOURCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?$")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How large each field may be. The defaults suit any real plugin."""
+
+    max_name: int = 63
+    max_version: int = 64
+    max_description: int = 1024
+    max_address: int = 255
+    max_sources: int = 64
+    max_source: int = 128
+    max_capabilities: int = 32
+    max_capability: int = 64
+    max_labels: int = 32
+    max_label_key: int = 63
+    max_label_value: int = 256
+    max_plugin_id: int = 64
+    min_lease_ttl: int = 3
+    max_lease_ttl: int = 3600
+
+
+def _text(field: str, value: str, limit: int, *, required: bool = False) -> str:
+    if required and not value:
+        raise InvalidArgument(field, "is required")
+    if len(value) > limit:
+        raise InvalidArgument(field, f"is {len(value)} characters long; the limit is {limit}")
+    if not value.isprintable():
+        raise InvalidArgument(field, "contains control characters")
+    return value
+
+
+def _matching(field: str, value: str, limit: int, pattern: re.Pattern[str]) -> str:
+    _text(field, value, limit, required=True)
+    if not pattern.match(value):
+        raise InvalidArgument(field, f"{value!r} must match {pattern.pattern.strip('^$')}")
+    return value
+
+
+def _names(field: str, values: Iterable[str], count: int, limit: int, pattern: re.Pattern[str] | None) -> tuple[str, ...]:
+    items = tuple(values)
+    if len(items) > count:
+        raise InvalidArgument(field, f"has {len(items)} entries; the limit is {count}")
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        if pattern is None:
+            _text(f"{field}[{i}]", item, limit, required=True)
+        else:
+            _matching(f"{field}[{i}]", item, limit, pattern)
+        if item in seen:
+            raise InvalidArgument(f"{field}[{i}]", f"{item!r} is listed twice")
+        seen.add(item)
+    return items
+
+
+def check_address(field: str, address: str, limits: Limits = Limits()) -> str:
+    """Accept ``host:port``, ``[v6]:port``, ``http(s)://host:port`` or ``unix:/path``."""
+    _text(field, address, limits.max_address, required=True)
+    if address.startswith("unix:"):
+        if not address[5:].startswith("/") or len(address) == 6:
+            raise InvalidArgument(field, f"{address!r}: a unix address is unix:/absolute/path")
+        return address
+    rest = address
+    for scheme in ("http://", "https://"):
+        if rest.startswith(scheme):
+            rest = rest[len(scheme) :]
+            break
+    else:
+        if "://" in rest:
+            raise InvalidArgument(field, f"{address!r}: the scheme must be http, https or unix")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host:
+        raise InvalidArgument(field, f"{address!r} must be host:port, [v6]:port, http(s)://host:port or unix:/path")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(field, f"{address!r}: the port must be a number from 1 to 65535")
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            raise InvalidArgument(field, f"{address!r}: {host} is not an IPv6 address") from None
+        if not host.endswith("]"):
+            raise InvalidArgument(field, f"{address!r}: {host} is not an IPv6 address")
+    elif not _HOSTNAME.match(host):
+        raise InvalidArgument(field, f"{address!r}: {host!r} is not a host name or IPv4 address")
+    return address
+
+
+def check_plugin_id(field: str, plugin_id: str, limits: Limits = Limits()) -> str:
+    return _text(field, plugin_id, limits.max_plugin_id, required=True)
+
+
+def registration_from_request(request: pb.RegisterRequest, default_ttl: int, limits: Limits = Limits()) -> Registration:
+    """Validate a RegisterRequest and return what it registers.
+
+    Raises:
+        InvalidArgument: naming the first field that is wrong.
+    """
+    if not request.HasField("info"):
+        raise InvalidArgument("info", "is required")
+    info = request.info
+    name = _matching("info.name", info.name, limits.max_name, _NAME)
+    if info.type not in (PluginType.INGESTOR, PluginType.EMITTER):
+        what = "must be set" if info.type == PluginType.UNSPECIFIED else f"{info.type} is not a known plugin type"
+        raise InvalidArgument("info.type", f"{what} (PLUGIN_TYPE_INGESTOR or PLUGIN_TYPE_EMITTER)")
+    plugin_type = PluginType(info.type)
+    sources = _names("info.sources", info.sources, limits.max_sources, limits.max_source, _SOURCE)
+    if plugin_type is PluginType.INGESTOR and not sources:
+        raise InvalidArgument("info.sources", "an ingestor must declare at least one source")
+    emitter_name = ""
+    if info.emitter_name:
+        emitter_name = _matching("info.emitter_name", info.emitter_name, limits.max_name, _NAME)
+    labels: Mapping[str, str] = dict(request.labels)
+    if len(labels) > limits.max_labels:
+        raise InvalidArgument("labels", f"has {len(labels)} entries; the limit is {limits.max_labels}")
+    for key, value in labels.items():
+        _matching("labels", key, limits.max_label_key, _LABEL_KEY)
+        _text(f"labels[{key}]", value, limits.max_label_value)
+    ttl = request.lease_ttl_seconds or default_ttl
+    if not limits.min_lease_ttl <= ttl <= limits.max_lease_ttl:
+        raise InvalidArgument(
+            "lease_ttl_seconds",
+            f"{ttl} is out of range ({limits.min_lease_ttl} to {limits.max_lease_ttl}, or 0 for the default)",
+        )
+    return Registration(
+        name=name,
+        type=plugin_type,
+        address=check_address("address", request.address, limits),
+        version=_text("info.version", info.version, limits.max_version),
+        description=_text("info.description", info.description, limits.max_description),
+        sources=sources,
+        emitter_name=emitter_name,
+        capabilities=_names("info.capabilities", info.capabilities, limits.max_capabilities, limits.max_capability, None),
+        labels=labels,
+        lease_ttl_seconds=ttl,
+    )
+
+
+def plugin_type_filter(value: int) -> PluginType:
+    if value not in PluginType._value2member_map_:
+        raise InvalidArgument("type", f"{value} is not a known plugin type")
+    return PluginType(value)
+
+
+def status_filter(values: Iterable[int]) -> frozenset[PluginStatus]:
+    statuses = set()
+    for i, value in enumerate(values):
+        if value not in PluginStatus._value2member_map_ or value == PluginStatus.UNSPECIFIED:
+            raise InvalidArgument(f"statuses[{i}]", f"{value} is not a known plugin status")
+        statuses.add(PluginStatus(value))
+    return frozenset(statuses)
