@@ -160,7 +160,9 @@ class Catalog:
         if self._by_instance.get((plugin.name, plugin.address)) == plugin.plugin_id:
             del self._by_instance[(plugin.name, plugin.address)]
         for key, index in [(s, self._by_source) for s in plugin.registration.sources] + (
-            [(plugin.registration.emitter_key, self._by_emitter)] if plugin.registration.emitter_key else []
+            [(plugin.registration.emitter_key, self._by_emitter)]
+            if plugin.registration.emitter_key
+            else []
         ):
             index[key].discard(plugin.plugin_id)
             if not index[key]:
@@ -169,4 +171,3 @@ class Catalog:
 
 def _id(plugin: Plugin) -> str:
     return plugin.plugin_id
-

@@ -13,10 +13,17 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
+from typing import Any, cast
 
 import grpc
 
-from registry.errors import AlreadyExists, InvalidArgument, NotFound, RegistryError, RegistryUnavailable
+from registry.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    RegistryError,
+    RegistryUnavailable,
+)
 from registry.wire import pb, pb_grpc
 
 DEFAULT_REGISTRY = "127.0.0.1:50051"
@@ -36,7 +43,9 @@ def open_channel(address: str, options: Iterable[tuple[str, int | str]] = ()) ->
     """A channel to a registered address (no connection is made yet)."""
     target, tls = dial_target(address)
     if tls:
-        return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=list(options))
+        return grpc.aio.secure_channel(
+            target, grpc.ssl_channel_credentials(), options=list(options)
+        )
     return grpc.aio.insecure_channel(target, options=list(options))
 
 
@@ -93,7 +102,10 @@ class RegistryClient:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.close()
 
@@ -104,15 +116,28 @@ class RegistryClient:
         *,
         lease_ttl_seconds: int = 0,
         labels: Mapping[str, str] | None = None,
+        no_lease: bool = False,
     ) -> pb.RegisterResponse:
-        """Register a plugin instance; ``lease_ttl_seconds=0`` takes the server's default."""
-        request = pb.RegisterRequest(info=info, address=address, lease_ttl_seconds=lease_ttl_seconds, labels=labels)
+        """Register a plugin instance.
+
+        ``lease_ttl_seconds=0`` takes the server's default; ``no_lease=True`` registers
+        on a plugin's behalf (an operator): no heartbeats, health checks alone.
+        """
+        request = pb.RegisterRequest(
+            info=info,
+            address=address,
+            lease_ttl_seconds=lease_ttl_seconds,
+            labels=labels,
+            no_lease=no_lease,
+        )
         response: pb.RegisterResponse = await self._call(self.stub.Register, request)
         return response
 
     async def heartbeat(self, plugin_id: str) -> bool:
         """Renew a lease; False means the registry no longer knows the id: register again."""
-        response: pb.HeartbeatResponse = await self._call(self.stub.Heartbeat, pb.HeartbeatRequest(plugin_id=plugin_id))
+        response: pb.HeartbeatResponse = await self._call(
+            self.stub.Heartbeat, pb.HeartbeatRequest(plugin_id=plugin_id)
+        )
         return response.acknowledged
 
     async def unregister(self, plugin_id: str) -> None:
@@ -121,7 +146,9 @@ class RegistryClient:
 
     async def get_plugin(self, plugin_id: str) -> pb.RegisteredPlugin:
         """One plugin. Raises NotFound for an unknown id."""
-        plugin: pb.RegisteredPlugin = await self._call(self.stub.GetPlugin, pb.GetPluginRequest(plugin_id=plugin_id))
+        plugin: pb.RegisteredPlugin = await self._call(
+            self.stub.GetPlugin, pb.GetPluginRequest(plugin_id=plugin_id)
+        )
         return plugin
 
     async def list_plugins(
@@ -134,7 +161,13 @@ class RegistryClient:
         page_size: int = 0,
     ) -> list[pb.RegisteredPlugin]:
         """Every matching plugin, following pages to the end."""
-        request = pb.ListPluginsRequest(type=type, source=source, statuses=list(statuses), name=name, page_size=page_size)
+        request = pb.ListPluginsRequest(
+            type=cast(pb.PluginType, type),
+            source=source,
+            statuses=[cast(pb.PluginStatus, s) for s in statuses],
+            name=name,
+            page_size=page_size,
+        )
         plugins: list[pb.RegisteredPlugin] = []
         while True:
             response: pb.ListPluginsResponse = await self._call(self.stub.ListPlugins, request)
@@ -145,17 +178,25 @@ class RegistryClient:
 
     async def resolve(self, *, source: str = "", emitter_name: str = "") -> pb.ResolveResponse:
         """The routable endpoints of a source or an emitter name."""
-        request = pb.ResolveRequest(emitter_name=emitter_name) if emitter_name else pb.ResolveRequest(source=source)
+        request = (
+            pb.ResolveRequest(emitter_name=emitter_name)
+            if emitter_name
+            else pb.ResolveRequest(source=source)
+        )
         response: pb.ResolveResponse = await self._call(self.stub.Resolve, request)
         return response
 
-    async def watch(self, *, since_revision: int = 0, sources: Iterable[str] = ()) -> AsyncIterator[pb.WatchResponse]:
+    async def watch(
+        self, *, since_revision: int = 0, sources: Iterable[str] = ()
+    ) -> AsyncIterator[pb.WatchResponse]:
         """Changes as they happen: a snapshot (unless resuming), then one message a change.
 
         Raises:
             RegistryError: the stream broke; resume with the last revision seen.
         """
-        call = self.stub.Watch(pb.WatchRequest(since_revision=since_revision, sources=list(sources)))
+        call = self.stub.Watch(
+            pb.WatchRequest(since_revision=since_revision, sources=list(sources))
+        )
         try:
             async for message in call:
                 yield message
@@ -164,10 +205,8 @@ class RegistryClient:
         finally:
             call.cancel()
 
-    async def _call(self, method: grpc.aio.UnaryUnaryMultiCallable, request: object) -> object:
+    async def _call(self, method: Any, request: Any) -> Any:
         try:
             return await method(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from exc
-
-

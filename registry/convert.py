@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from registry.model import Plugin
+from registry.model import Plugin, PluginStatus, PluginType
 from registry.wire import pb
 
 
@@ -18,12 +19,20 @@ def timestamp(value: datetime | None) -> Timestamp | None:
     return ts
 
 
+def wire_type(value: PluginType) -> pb.PluginType:
+    return cast(pb.PluginType, int(value))
+
+
+def wire_status(value: PluginStatus) -> pb.PluginStatus:
+    return cast(pb.PluginStatus, int(value))
+
+
 def plugin_info(plugin: Plugin) -> pb.PluginInfo:
     reg = plugin.registration
     return pb.PluginInfo(
         name=reg.name,
         version=reg.version,
-        type=int(reg.type),
+        type=wire_type(reg.type),
         description=reg.description,
         sources=reg.sources,
         emitter_name=reg.emitter_name,
@@ -36,7 +45,7 @@ def registered_plugin(plugin: Plugin) -> pb.RegisteredPlugin:
         plugin_id=plugin.plugin_id,
         info=plugin_info(plugin),
         address=plugin.address,
-        status=int(plugin.status),
+        status=wire_status(plugin.status),
         registered_at=timestamp(plugin.registered_at),
         last_heartbeat_at=timestamp(plugin.last_heartbeat_at),
         last_check_at=timestamp(plugin.last_check_at),
@@ -48,4 +57,6 @@ def registered_plugin(plugin: Plugin) -> pb.RegisteredPlugin:
 
 
 def endpoint(plugin: Plugin) -> pb.Endpoint:
-    return pb.Endpoint(plugin_id=plugin.plugin_id, address=plugin.address, status=int(plugin.status))
+    return pb.Endpoint(
+        plugin_id=plugin.plugin_id, address=plugin.address, status=wire_status(plugin.status)
+    )

@@ -119,7 +119,9 @@ class Journal:
             if batch:
                 await self._store.write(batch)
         except BaseException as exc:
-            failure = exc if isinstance(exc, StoreError) else StoreError(f"write interrupted: {exc!r}")
+            failure = (
+                exc if isinstance(exc, StoreError) else StoreError(f"write interrupted: {exc!r}")
+            )
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_exception(failure)

@@ -21,7 +21,12 @@ from registry.errors import AlreadyExists, InvalidArgument, NotFound, RegistryUn
 from registry.model import Plugin
 from registry.settings import RegistrySettings
 from registry.state import RegistryState
-from registry.validation import check_plugin_id, plugin_type_filter, registration_from_request, status_filter
+from registry.validation import (
+    check_plugin_id,
+    plugin_type_filter,
+    registration_from_request,
+    status_filter,
+)
 from registry.wire import pb, pb_grpc
 
 log = logging.getLogger(__name__)
@@ -55,7 +60,10 @@ def _status_mapped(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             code = next((c for kind, c in _CODES if isinstance(exc, kind)), None)
             if code is None:
                 log.exception("%s failed", method.__name__)
-                code, exc = grpc.StatusCode.INTERNAL, Exception("internal error; see the registry's log")
+                code, exc = (
+                    grpc.StatusCode.INTERNAL,
+                    Exception("internal error; see the registry's log"),
+                )
             await context.abort(code, str(exc))
             raise  # unreachable: abort raises
 
@@ -86,8 +94,12 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         self._settings = settings
 
     @_status_mapped
-    async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.RegisterResponse:
-        registration = registration_from_request(request, self._settings.lease_ttl, self._settings.limits)
+    async def Register(
+        self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterResponse:
+        registration = registration_from_request(
+            request, self._settings.lease_ttl, self._settings.limits
+        )
         plugin = await self._state.register(registration)
         ttl = registration.lease_ttl_seconds
         return pb.RegisterResponse(
@@ -95,22 +107,28 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
             message="registered",
             plugin_id=plugin.plugin_id,
             lease_ttl_seconds=ttl,
-            heartbeat_interval_seconds=max(1, ttl // 3),
+            heartbeat_interval_seconds=ttl and max(1, ttl // 3),
         )
 
     @_status_mapped
-    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HeartbeatResponse:
         plugin_id = check_plugin_id("plugin_id", request.plugin_id, self._settings.limits)
         return pb.HeartbeatResponse(acknowledged=self._state.heartbeat(plugin_id) is not None)
 
     @_status_mapped
-    async def Unregister(self, request: pb.UnregisterRequest, context: grpc.aio.ServicerContext) -> Empty:
+    async def Unregister(
+        self, request: pb.UnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> Empty:
         plugin_id = check_plugin_id("plugin_id", request.plugin_id, self._settings.limits)
         await self._state.remove([plugin_id])
         return Empty()
 
     @_status_mapped
-    async def ListPlugins(self, request: pb.ListPluginsRequest, context: grpc.aio.ServicerContext) -> pb.ListPluginsResponse:
+    async def ListPlugins(
+        self, request: pb.ListPluginsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListPluginsResponse:
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         matching = self._state.catalog.select(
             type=plugin_type_filter(request.type),
@@ -135,7 +153,9 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         )
 
     @_status_mapped
-    async def GetPlugin(self, request: pb.GetPluginRequest, context: grpc.aio.ServicerContext) -> pb.RegisteredPlugin:
+    async def GetPlugin(
+        self, request: pb.GetPluginRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisteredPlugin:
         plugin_id = check_plugin_id("plugin_id", request.plugin_id, self._settings.limits)
         plugin = self._state.catalog.get(plugin_id)
         if plugin is None:
@@ -143,7 +163,9 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         return convert.registered_plugin(plugin)
 
     @_status_mapped
-    async def Resolve(self, request: pb.ResolveRequest, context: grpc.aio.ServicerContext) -> pb.ResolveResponse:
+    async def Resolve(
+        self, request: pb.ResolveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResolveResponse:
         target = request.WhichOneof("target")
         if target == "source" and request.source:
             plugins = self._state.catalog.by_source(request.source)

@@ -32,7 +32,9 @@ def utcnow() -> datetime:
 class RegistryState:
     """Catalog + journal + store. Owned by the server: ``start()``, ``stop()``."""
 
-    def __init__(self, store: Store, *, flush_interval: float = 5.0, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self, store: Store, *, flush_interval: float = 5.0, clock: Callable[[], datetime] = utcnow
+    ) -> None:
         self.store = store
         self.clock = clock
         self.catalog = Catalog()

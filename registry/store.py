@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import delete, event, select, text
+from sqlalchemy import delete, event, insert, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -113,8 +113,10 @@ class SqlStore:
         """
         try:
             async with self.engine.connect() as conn:
-                rows = (await conn.execute(select(PluginRow.__table__))).mappings().all()
-                revision = await conn.scalar(select(RegistryMetaRow.revision).where(RegistryMetaRow.id == 1))
+                rows = (await conn.execute(select(*PluginRow.__table__.columns))).mappings().all()
+                revision = await conn.scalar(
+                    select(RegistryMetaRow.revision).where(RegistryMetaRow.id == 1)
+                )
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"cannot load the registry: {exc}") from exc
         return Snapshot([_plugin_from_row(r) for r in rows], revision or 0)
@@ -125,18 +127,23 @@ class SqlStore:
         Raises:
             StoreError: the database failed; nothing of the batch was written.
         """
-        table = PluginRow.__table__
-        meta = RegistryMetaRow.__table__
         gone = sorted(batch.removals | batch.upserts.keys())
         try:
             async with self.engine.begin() as conn:
                 for chunk in _chunks(gone):
-                    await conn.execute(delete(table).where(table.c.plugin_id.in_(chunk)))
+                    await conn.execute(delete(PluginRow).where(PluginRow.plugin_id.in_(chunk)))
                 if batch.upserts:
-                    await conn.execute(table.insert(), [_row_from_plugin(p) for p in batch.upserts.values()])
-                updated = await conn.execute(meta.update().where(meta.c.id == 1).values(revision=batch.revision))
+                    rows = [_row_from_plugin(p) for p in batch.upserts.values()]
+                    await conn.execute(insert(PluginRow), rows)
+                updated = await conn.execute(
+                    update(RegistryMetaRow)
+                    .where(RegistryMetaRow.id == 1)
+                    .values(revision=batch.revision)
+                )
                 if updated.rowcount == 0:
-                    await conn.execute(meta.insert().values(id=1, revision=batch.revision))
+                    await conn.execute(
+                        insert(RegistryMetaRow).values(id=1, revision=batch.revision)
+                    )
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"cannot write to the registry database: {exc}") from exc
 

@@ -18,7 +18,9 @@ from registry.wire import pb
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SOURCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?$")
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +60,9 @@ def _matching(field: str, value: str, limit: int, pattern: re.Pattern[str]) -> s
     return value
 
 
-def _names(field: str, values: Iterable[str], count: int, limit: int, pattern: re.Pattern[str] | None) -> tuple[str, ...]:
+def _names(
+    field: str, values: Iterable[str], count: int, limit: int, pattern: re.Pattern[str] | None
+) -> tuple[str, ...]:
     items = tuple(values)
     if len(items) > count:
         raise InvalidArgument(field, f"has {len(items)} entries; the limit is {count}")
@@ -91,7 +95,9 @@ def check_address(field: str, address: str, limits: Limits = Limits()) -> str:
             raise InvalidArgument(field, f"{address!r}: the scheme must be http, https or unix")
     host, sep, port = rest.rpartition(":")
     if not sep or not host:
-        raise InvalidArgument(field, f"{address!r} must be host:port, [v6]:port, http(s)://host:port or unix:/path")
+        raise InvalidArgument(
+            field, f"{address!r} must be host:port, [v6]:port, http(s)://host:port or unix:/path"
+        )
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidArgument(field, f"{address!r}: the port must be a number from 1 to 65535")
     if host.startswith("["):
@@ -110,7 +116,9 @@ def check_plugin_id(field: str, plugin_id: str, limits: Limits = Limits()) -> st
     return _text(field, plugin_id, limits.max_plugin_id, required=True)
 
 
-def registration_from_request(request: pb.RegisterRequest, default_ttl: int, limits: Limits = Limits()) -> Registration:
+def registration_from_request(
+    request: pb.RegisterRequest, default_ttl: int, limits: Limits = Limits()
+) -> Registration:
     """Validate a RegisterRequest and return what it registers.
 
     Raises:
@@ -120,10 +128,15 @@ def registration_from_request(request: pb.RegisterRequest, default_ttl: int, lim
         raise InvalidArgument("info", "is required")
     info = request.info
     name = _matching("info.name", info.name, limits.max_name, _NAME)
-    if info.type not in (PluginType.INGESTOR, PluginType.EMITTER):
-        what = "must be set" if info.type == PluginType.UNSPECIFIED else f"{info.type} is not a known plugin type"
+    raw_type = int(info.type)
+    if raw_type not in (PluginType.INGESTOR, PluginType.EMITTER):
+        what = (
+            "must be set"
+            if raw_type == PluginType.UNSPECIFIED
+            else f"{raw_type} is not a known plugin type"
+        )
         raise InvalidArgument("info.type", f"{what} (PLUGIN_TYPE_INGESTOR or PLUGIN_TYPE_EMITTER)")
-    plugin_type = PluginType(info.type)
+    plugin_type = PluginType(raw_type)
     sources = _names("info.sources", info.sources, limits.max_sources, limits.max_source, _SOURCE)
     if plugin_type is PluginType.INGESTOR and not sources:
         raise InvalidArgument("info.sources", "an ingestor must declare at least one source")
@@ -132,15 +145,22 @@ def registration_from_request(request: pb.RegisterRequest, default_ttl: int, lim
         emitter_name = _matching("info.emitter_name", info.emitter_name, limits.max_name, _NAME)
     labels: Mapping[str, str] = dict(request.labels)
     if len(labels) > limits.max_labels:
-        raise InvalidArgument("labels", f"has {len(labels)} entries; the limit is {limits.max_labels}")
+        raise InvalidArgument(
+            "labels", f"has {len(labels)} entries; the limit is {limits.max_labels}"
+        )
     for key, value in labels.items():
         _matching("labels", key, limits.max_label_key, _LABEL_KEY)
         _text(f"labels[{key}]", value, limits.max_label_value)
     ttl = request.lease_ttl_seconds or default_ttl
-    if not limits.min_lease_ttl <= ttl <= limits.max_lease_ttl:
+    if request.no_lease:
+        if request.lease_ttl_seconds:
+            raise InvalidArgument("lease_ttl_seconds", "must be 0 with no_lease")
+        ttl = 0
+    elif not limits.min_lease_ttl <= ttl <= limits.max_lease_ttl:
         raise InvalidArgument(
             "lease_ttl_seconds",
-            f"{ttl} is out of range ({limits.min_lease_ttl} to {limits.max_lease_ttl}, or 0 for the default)",
+            f"{ttl} is out of range "
+            f"({limits.min_lease_ttl} to {limits.max_lease_ttl}, or 0 for the default)",
         )
     return Registration(
         name=name,
@@ -150,7 +170,13 @@ def registration_from_request(request: pb.RegisterRequest, default_ttl: int, lim
         description=_text("info.description", info.description, limits.max_description),
         sources=sources,
         emitter_name=emitter_name,
-        capabilities=_names("info.capabilities", info.capabilities, limits.max_capabilities, limits.max_capability, None),
+        capabilities=_names(
+            "info.capabilities",
+            info.capabilities,
+            limits.max_capabilities,
+            limits.max_capability,
+            None,
+        ),
         labels=labels,
         lease_ttl_seconds=ttl,
     )

@@ -134,7 +134,7 @@ class PluginHealthResponse(_message.Message):
     def __init__(self, healthy: _Optional[bool] = ..., message: _Optional[str] = ..., components: _Optional[_Mapping[str, bool]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("info", "address", "lease_ttl_seconds", "labels")
+    __slots__ = ("info", "address", "lease_ttl_seconds", "labels", "no_lease")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -146,11 +146,13 @@ class RegisterRequest(_message.Message):
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    NO_LEASE_FIELD_NUMBER: _ClassVar[int]
     info: PluginInfo
     address: str
     lease_ttl_seconds: int
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, info: _Optional[_Union[PluginInfo, _Mapping]] = ..., address: _Optional[str] = ..., lease_ttl_seconds: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    no_lease: bool
+    def __init__(self, info: _Optional[_Union[PluginInfo, _Mapping]] = ..., address: _Optional[str] = ..., lease_ttl_seconds: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., no_lease: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("accepted", "message", "plugin_id", "lease_ttl_seconds", "heartbeat_interval_seconds")

@@ -1,0 +1,1 @@
+"""Gateway side of POLKU: route raw payloads to external plugins."""
