@@ -87,6 +87,7 @@ class Catalog:
             registered_at=now,
             last_heartbeat_at=now if registration.lease_ttl_seconds else None,
             revision=self.revision + 1,
+            status_since=now,
         )
         if replaced is not None:
             self._unindex(self._by_id[replaced])
@@ -101,9 +102,12 @@ class Catalog:
         plugin = self._by_id.get(plugin_id)
         if plugin is None or not plugin.live:
             return None
-        renewed = dataclasses.replace(plugin, last_heartbeat_at=now)
-        self._by_id[plugin_id] = renewed
-        return renewed
+        return self.refresh(dataclasses.replace(plugin, last_heartbeat_at=now))
+
+    def refresh(self, plugin: Plugin) -> Plugin:
+        """Keep a new state of a plugin that no watcher needs to hear of (no revision)."""
+        self._by_id[plugin.plugin_id] = plugin
+        return plugin
 
     def remove(self, plugin_ids: Iterable[str]) -> Change | None:
         """Remove plugins by id; unknown ids are ignored (removal is idempotent)."""
@@ -114,11 +118,17 @@ class Catalog:
             self._unindex(self._by_id[plugin_id])
         return self._bump(removed=removed)
 
-    def update(self, plugins: Iterable[Plugin]) -> Change | None:
-        """Store new states of existing plugins (status, checks) in one revision."""
+    def update(self, plugins: Iterable[Plugin], now: datetime) -> Change | None:
+        """Store new states of existing plugins (status changes) in one revision."""
         revision = self.revision + 1
         updated = tuple(
-            dataclasses.replace(p, revision=revision) for p in plugins if p.plugin_id in self._by_id
+            dataclasses.replace(
+                p,
+                revision=revision,
+                status_since=now if p.status != self._by_id[p.plugin_id].status else p.status_since,
+            )
+            for p in plugins
+            if p.plugin_id in self._by_id
         )
         if not updated:
             return None

@@ -29,6 +29,7 @@ class Journal:
         *,
         revision: int,
         flush_interval: float,
+        retain: int,
         on_committed: Callable[[list[Change]], None],
         on_failed: Callable[[StoreError], Awaitable[None]],
     ) -> None:
@@ -36,8 +37,8 @@ class Journal:
         self._flush_interval = flush_interval
         self._on_committed = on_committed
         self._on_failed = on_failed
-        self._batch = Batch(revision=revision)
-        self._changes: list[Change] = []
+        self._retain = retain
+        self._batch = self._new_batch(revision)
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -64,7 +65,7 @@ class Journal:
         for plugin_id in change.removed:
             self._batch.remove(plugin_id)
         self._batch.revision = change.revision
-        self._changes.append(change)
+        self._batch.changes.append(change)
 
     def touch(self, plugin: Plugin) -> None:
         """Stage a plugin's new state lazily (heartbeats): no commit is asked for."""
@@ -101,19 +102,20 @@ class Journal:
 
     def reset(self, revision: int) -> None:
         """Continue from ``revision`` after the owner reloaded the catalog."""
-        self._batch = Batch(revision=revision)
+        self._batch = self._new_batch(revision)
+
+    def _new_batch(self, revision: int) -> Batch:
+        return Batch(revision=revision, retain=self._retain)
 
     def _fail_staged(self, exc: StoreError) -> None:
-        self._batch = Batch(revision=self._batch.revision)
-        self._changes = []
+        self._batch = self._new_batch(self._batch.revision)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(exc)
 
     async def _write_staged(self) -> None:
-        batch, self._batch = self._batch, Batch(revision=self._batch.revision)
-        changes, self._changes = self._changes, []
+        batch, self._batch = self._batch, self._new_batch(self._batch.revision)
         waiters, self._waiters = self._waiters, []
         try:
             if batch:
@@ -126,8 +128,8 @@ class Journal:
                 if not waiter.done():
                     waiter.set_exception(failure)
             raise
-        if changes:
-            self._on_committed(changes)
+        if batch.changes:
+            self._on_committed(batch.changes)
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)

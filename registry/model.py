@@ -61,6 +61,8 @@ class Plugin:
     last_error: str = ""
     # The registry revision of this plugin's last change.
     revision: int = 0
+    # When the status last changed (for deregister_after); registered_at at first.
+    status_since: datetime | None = None
 
     @property
     def name(self) -> str:

@@ -33,15 +33,24 @@ class RegistryState:
     """Catalog + journal + store. Owned by the server: ``start()``, ``stop()``."""
 
     def __init__(
-        self, store: Store, *, flush_interval: float = 5.0, clock: Callable[[], datetime] = utcnow
+        self,
+        store: Store,
+        *,
+        flush_interval: float = 5.0,
+        retain: int = 10_000,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.store = store
         self.clock = clock
         self.catalog = Catalog()
         self.started_at = clock()
         self._flush_interval = flush_interval
+        self._retain = retain
+        # The retained change log as loaded at start; the watch hub takes it over.
+        self.history: list[Change] = []
         self._journal: Journal | None = None
         self._listeners: list[Listener] = []
+        self._reset_listeners: list[Callable[[], None]] = []
         self._recovering: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -52,11 +61,13 @@ class RegistryState:
         """
         snapshot = await self.store.load()
         self.catalog = Catalog(snapshot.plugins, snapshot.revision)
+        self.history = snapshot.changes
         self.started_at = self.clock()
         self._journal = Journal(
             self.store,
             revision=snapshot.revision,
             flush_interval=self._flush_interval,
+            retain=self._retain,
             on_committed=self._publish,
             on_failed=self._on_write_failed,
         )
@@ -70,9 +81,15 @@ class RegistryState:
         if journal is not None:
             await journal.stop()
 
-    def subscribe(self, listener: Listener) -> None:
-        """Call ``listener`` with each committed batch of changes, in revision order."""
+    def subscribe(self, listener: Listener, on_reset: Callable[[], None] | None = None) -> None:
+        """Call ``listener`` with each committed batch of changes, in revision order.
+
+        ``on_reset`` is called when the catalog was reloaded after a failed write:
+        whatever was derived from it must be rebuilt.
+        """
         self._listeners.append(listener)
+        if on_reset is not None:
+            self._reset_listeners.append(on_reset)
 
     @property
     def writable(self) -> bool:
@@ -112,10 +129,20 @@ class RegistryState:
             journal.record(change)
         await journal.commit()
 
+    def refresh(self, plugin: Plugin) -> None:
+        """Keep a state no watcher needs (last check time); persisted lazily."""
+        self.catalog.refresh(plugin)
+        if self._journal is not None:
+            self._journal.touch(plugin)
+
     async def update(self, plugins: list[Plugin]) -> None:
-        """Store new states of existing plugins in one revision (the health checker's)."""
+        """Store new states of existing plugins in one revision (status changes).
+
+        Build ``plugins`` from the catalog right before calling, with no await in
+        between, so no concurrent change is overwritten.
+        """
         journal = self._writer()
-        change = self.catalog.update(plugins)
+        change = self.catalog.update(plugins, self.clock())
         if change is not None:
             journal.record(change)
             await journal.commit()
@@ -154,6 +181,8 @@ class RegistryState:
             self.catalog = Catalog(snapshot.plugins, snapshot.revision)
             if self._journal is not None:
                 self._journal.reset(snapshot.revision)
+            for on_reset in self._reset_listeners:
+                on_reset()
             log.info("registry catalog reloaded at revision %d", snapshot.revision)
             self._recovering = None
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,8 +20,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from registry.errors import StoreError
-from registry.model import Plugin, PluginStatus, PluginType, Registration
-from registry.tables import PluginRow, RegistryMetaRow
+from registry.model import Change, Plugin, PluginStatus, PluginType, Registration
+from registry.tables import ChangeRow, PluginRow, RegistryMetaRow
 
 _CHUNK = 500  # ids per IN (...) clause; SQLite caps bound parameters
 
@@ -50,10 +51,11 @@ def normalize_url(url: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Everything the store holds: the plugins and the global revision."""
+    """Everything the store holds: the plugins, the global revision, the retained changes."""
 
     plugins: list[Plugin]
     revision: int
+    changes: list[Change] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -63,6 +65,9 @@ class Batch:
     revision: int = 0
     upserts: dict[str, Plugin] = field(default_factory=dict)
     removals: set[str] = field(default_factory=set)
+    # Appended to the change log; entries older than ``retain`` revisions are dropped.
+    changes: list[Change] = field(default_factory=list)
+    retain: int = 10_000
 
     def upsert(self, plugin: Plugin) -> None:
         self.upserts[plugin.plugin_id] = plugin
@@ -73,7 +78,7 @@ class Batch:
         self.removals.add(plugin_id)
 
     def __bool__(self) -> bool:
-        return bool(self.upserts or self.removals)
+        return bool(self.upserts or self.removals or self.changes)
 
 
 class Store(Protocol):
@@ -117,9 +122,18 @@ class SqlStore:
                 revision = await conn.scalar(
                     select(RegistryMetaRow.revision).where(RegistryMetaRow.id == 1)
                 )
+                history = (await conn.execute(select(ChangeRow).order_by(ChangeRow.revision))).all()
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"cannot load the registry: {exc}") from exc
-        return Snapshot([_plugin_from_row(r) for r in rows], revision or 0)
+        changes = [
+            Change(
+                revision=row.revision,
+                upserted=tuple(_plugin_from_row(_from_json(p)) for p in row.upserted),
+                removed=tuple(row.removed),
+            )
+            for row in history
+        ]
+        return Snapshot([_plugin_from_row(r) for r in rows], revision or 0, changes)
 
     async def write(self, batch: Batch) -> None:
         """Apply a batch in one transaction; durable when this returns.
@@ -140,6 +154,18 @@ class SqlStore:
                     .where(RegistryMetaRow.id == 1)
                     .values(revision=batch.revision)
                 )
+                if batch.changes:
+                    entries = [
+                        {
+                            "revision": c.revision,
+                            "upserted": [_to_json(_row_from_plugin(p)) for p in c.upserted],
+                            "removed": list(c.removed),
+                        }
+                        for c in batch.changes
+                    ]
+                    await conn.execute(insert(ChangeRow), entries)
+                    oldest = batch.revision - batch.retain
+                    await conn.execute(delete(ChangeRow).where(ChangeRow.revision <= oldest))
                 if updated.rowcount == 0:
                     await conn.execute(
                         insert(RegistryMetaRow).values(id=1, revision=batch.revision)
@@ -194,6 +220,7 @@ def _row_from_plugin(plugin: Plugin) -> dict[str, Any]:
         "last_heartbeat_at": plugin.last_heartbeat_at,
         "last_check_at": plugin.last_check_at,
         "revision": plugin.revision,
+        "status_since": plugin.status_since,
     }
 
 
@@ -219,4 +246,17 @@ def _plugin_from_row(row: Any) -> Plugin:
         last_check_at=row["last_check_at"],
         last_error=row["last_error"],
         revision=row["revision"],
+        status_since=row["status_since"],
     )
+
+
+_TIMES = ("registered_at", "last_heartbeat_at", "last_check_at", "status_since")
+
+
+def _to_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.isoformat() if k in _TIMES and v is not None else v for k, v in row.items()}
+
+
+def _from_json(row: dict[str, Any]) -> dict[str, Any]:
+    times = {k: datetime.fromisoformat(row[k]) if row.get(k) else None for k in _TIMES}
+    return {**row, **times}

@@ -68,6 +68,18 @@ class PluginRow(Base):
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     last_check_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     revision: Mapped[int] = mapped_column(BigInteger)
+    status_since: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class ChangeRow(Base):
+    """The retained change log: one row per revision, so watchers resume across restarts."""
+
+    __tablename__ = "changes"
+
+    revision: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    # Plugin states as JSON objects (see registry.store) and removed ids.
+    upserted: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    removed: Mapped[list[str]] = mapped_column(JSON)
 
 
 class RegistryMetaRow(Base):
