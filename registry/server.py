@@ -4,9 +4,10 @@
         print(server.address)
         await server.wait_closed()
 
-Start order: store → migrations → state → gRPC (registry, health, reflection) →
-background tasks. Stop order: own health NOT_SERVING → ``server.stop(grace)`` →
-background tasks → state (final flush) → engine.
+Start order: store → migrations → state → watch hub → gRPC (registry, health,
+reflection) → health checker, lease reaper, database monitor. Stop order: own
+health NOT_SERVING → end Watch streams → ``server.stop(grace)`` → background
+actors → state (final flush) → engine.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from grpc_reflection.v1alpha import reflection
 
 from registry.errors import RegistryError, StoreError
 from registry.migrate import upgrade
+from registry.poller import CheckSettings, HealthChecker
+from registry.reaper import LeaseReaper
 from registry.service import RegistryService
 from registry.settings import RegistrySettings
 from registry.state import RegistryState
 from registry.store import SqlStore
+from registry.watch import WatchHub
 from registry.wire import pb, pb_grpc
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,9 @@ class RegistryServer:
         self.port = 0
         self._store: SqlStore | None = None
         self._state: RegistryState | None = None
+        self._hub: WatchHub | None = None
+        self._checker: HealthChecker | None = None
+        self._reaper: LeaseReaper | None = None
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
         self._tasks: list[asyncio.Task[None]] = []
@@ -74,8 +81,31 @@ class RegistryServer:
         except ValueError as exc:
             raise StoreError(f"database URL: {exc}") from exc
         await upgrade(self._store.engine)
-        self._state = RegistryState(self._store, flush_interval=settings.flush_interval)
-        await self._state.start()
+        state = RegistryState(
+            self._store, flush_interval=settings.flush_interval, retain=settings.change_log_size
+        )
+        self._state = state
+        await state.start()
+        self._hub = WatchHub(
+            state,
+            retain=settings.change_log_size,
+            max_backlog=settings.watch_max_backlog,
+            progress_interval=settings.watch_progress_interval,
+        )
+        self._checker = HealthChecker(
+            state,
+            CheckSettings(
+                interval=settings.health_interval,
+                timeout=settings.health_timeout,
+                unhealthy_threshold=settings.unhealthy_threshold,
+                healthy_threshold=settings.healthy_threshold,
+                concurrency=settings.health_concurrency,
+                suspect_retry=settings.suspect_retry,
+            ),
+        )
+        self._reaper = LeaseReaper(
+            state, deregister_after=settings.deregister_after, tick=settings.reap_interval
+        )
 
         server = grpc.aio.server(
             options=[
@@ -84,7 +114,9 @@ class RegistryServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_PluginRegistryServicer_to_server(RegistryService(self._state, settings), server)
+        pb_grpc.add_PluginRegistryServicer_to_server(
+            RegistryService(state, self._hub, settings), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [
@@ -102,8 +134,10 @@ class RegistryServer:
         self._server = server
         await server.start()
         await self._set_health(True)
+        self._checker.start()
+        self._reaper.start()
         self._tasks.append(asyncio.create_task(self._watch_database(), name="registry-db-health"))
-        log.info("registry serving on %s (revision %d)", self.address, self._state.catalog.revision)
+        log.info("registry serving on %s (revision %d)", self.address, state.catalog.revision)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop serving, letting calls in flight finish within ``grace`` seconds.
@@ -111,9 +145,14 @@ class RegistryServer:
         Idempotent and safe before ``start``.
         """
         await self._health.enter_graceful_shutdown()
+        if self._hub is not None:
+            self._hub.close()  # Watch streams end now rather than at the grace deadline
         server, self._server = self._server, None
         if server is not None:
             await server.stop(grace)
+        for actor in (self._reaper, self._checker):
+            if actor is not None:
+                await actor.stop()
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()

@@ -10,7 +10,7 @@ import base64
 import binascii
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -23,10 +23,12 @@ from registry.settings import RegistrySettings
 from registry.state import RegistryState
 from registry.validation import (
     check_plugin_id,
+    check_sources,
     plugin_type_filter,
     registration_from_request,
     status_filter,
 )
+from registry.watch import WatchHub
 from registry.wire import pb, pb_grpc
 
 log = logging.getLogger(__name__)
@@ -89,8 +91,9 @@ def _after(token: str) -> str:
 class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
     """Maps each RPC of ``polku.v1.PluginRegistry`` to one call on the state."""
 
-    def __init__(self, state: RegistryState, settings: RegistrySettings) -> None:
+    def __init__(self, state: RegistryState, hub: WatchHub, settings: RegistrySettings) -> None:
         self._state = state
+        self._hub = hub
         self._settings = settings
 
     @_status_mapped
@@ -174,6 +177,18 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         else:
             raise InvalidArgument("target", "set source or emitter_name")
         return pb.ResolveResponse(
-            endpoints=[convert.endpoint(p) for p in plugins if p.live],
+            endpoints=[convert.endpoint(p) for p in plugins if p.routable],
             revision=self._state.catalog.revision,
         )
+
+    async def Watch(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchResponse]:
+        try:
+            if request.since_revision < 0:
+                raise InvalidArgument("since_revision", "must not be negative")
+            sources = check_sources("sources", request.sources, self._settings.limits)
+        except InvalidArgument as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        async for message in self._hub.stream(request.since_revision, frozenset(sources)):
+            yield message

@@ -32,6 +32,13 @@ class RegistrySettings:
     flush_interval: float = 5.0
     # How often the database is pinged for the registry's own health.
     db_check_interval: float = 5.0
+    health_concurrency: int = 256
+    # A plugin whose connection broke is re-checked this often until it passes or fails.
+    suspect_retry: float = 0.1
+    reap_interval: float = 0.5
+    watch_progress_interval: float = 5.0
+    watch_max_backlog: int = 1024
+    change_log_size: int = 10_000
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -48,6 +55,12 @@ class RegistrySettings:
             "max_message_bytes": self.max_message_bytes >= 4096,
             "flush_interval": self.flush_interval > 0,
             "db_check_interval": self.db_check_interval > 0,
+            "health_concurrency": self.health_concurrency >= 1,
+            "suspect_retry": self.suspect_retry > 0,
+            "reap_interval": self.reap_interval > 0,
+            "watch_progress_interval": self.watch_progress_interval > 0,
+            "watch_max_backlog": self.watch_max_backlog >= 1,
+            "change_log_size": self.change_log_size >= 1,
         }
         for name, ok in checks.items():
             if not ok:

@@ -43,6 +43,9 @@ class Limits:
     max_lease_ttl: int = 3600
 
 
+DEFAULT_LIMITS = Limits()
+
+
 def _text(field: str, value: str, limit: int, *, required: bool = False) -> str:
     if required and not value:
         raise InvalidArgument(field, "is required")
@@ -78,7 +81,7 @@ def _names(
     return items
 
 
-def check_address(field: str, address: str, limits: Limits = Limits()) -> str:
+def check_address(field: str, address: str, limits: Limits = DEFAULT_LIMITS) -> str:
     """Accept ``host:port``, ``[v6]:port``, ``http(s)://host:port`` or ``unix:/path``."""
     _text(field, address, limits.max_address, required=True)
     if address.startswith("unix:"):
@@ -112,12 +115,19 @@ def check_address(field: str, address: str, limits: Limits = Limits()) -> str:
     return address
 
 
-def check_plugin_id(field: str, plugin_id: str, limits: Limits = Limits()) -> str:
+def check_sources(
+    field: str, sources: Iterable[str], limits: Limits = DEFAULT_LIMITS
+) -> tuple[str, ...]:
+    """Validate a list of source names (a Watch filter, an ingestor's sources)."""
+    return _names(field, sources, limits.max_sources, limits.max_source, _SOURCE)
+
+
+def check_plugin_id(field: str, plugin_id: str, limits: Limits = DEFAULT_LIMITS) -> str:
     return _text(field, plugin_id, limits.max_plugin_id, required=True)
 
 
 def registration_from_request(
-    request: pb.RegisterRequest, default_ttl: int, limits: Limits = Limits()
+    request: pb.RegisterRequest, default_ttl: int, limits: Limits = DEFAULT_LIMITS
 ) -> Registration:
     """Validate a RegisterRequest and return what it registers.
 
@@ -137,7 +147,7 @@ def registration_from_request(
         )
         raise InvalidArgument("info.type", f"{what} (PLUGIN_TYPE_INGESTOR or PLUGIN_TYPE_EMITTER)")
     plugin_type = PluginType(raw_type)
-    sources = _names("info.sources", info.sources, limits.max_sources, limits.max_source, _SOURCE)
+    sources = check_sources("info.sources", info.sources, limits)
     if plugin_type is PluginType.INGESTOR and not sources:
         raise InvalidArgument("info.sources", "an ingestor must declare at least one source")
     emitter_name = ""
