@@ -1,0 +1,113 @@
+"""Shared measurement helpers for the benchmarks: load loops, percentiles, subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class Load:
+    """What one closed-loop run measured."""
+
+    calls: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def rate(self) -> float:
+        return self.calls / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+async def closed_loop(
+    call: Callable[[int], Awaitable[object]], *, concurrency: int, seconds: float
+) -> Load:
+    """Run ``call(i)`` from ``concurrency`` workers for about ``seconds``."""
+    latencies: list[float] = []
+    counter = iter(range(10**12))
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            await call(next(counter))
+            latencies.append(time.perf_counter() - started)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return Load(len(latencies), time.perf_counter() - began, latencies)
+
+
+def row(
+    scenario: str, ours: float, baseline: float, target: str, unit: str = "calls/s", **extra: object
+) -> dict[str, object]:
+    ratio = ours / baseline if baseline else 0.0
+    return {
+        "scenario": scenario,
+        "ours": round(ours, 1),
+        "baseline": round(baseline, 1),
+        "ratio": round(ratio, 3),
+        "target": target,
+        "unit": unit,
+        **extra,
+    }
+
+
+class Process:
+    """A subprocess whose stderr is drained in the background; finds ``serving on HOST:PORT``."""
+
+    def __init__(self, args: list[str], pattern: str = r"serving on (\S+)") -> None:
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        )
+        self._pattern = re.compile(pattern)
+        self._found = threading.Event()
+        self.address = ""
+        self.ready_at = 0.0
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            match = self._pattern.search(line)
+            if match and not self._found.is_set():
+                self.address = match.group(1)
+                self.ready_at = time.perf_counter()
+                self._found.set()
+
+    def wait_ready(self, timeout: float = 60.0) -> str:
+        if not self._found.wait(timeout):
+            self.stop()
+            raise RuntimeError(f"{self.proc.args} did not start")
+        return self.address
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def python() -> str:
+    return sys.executable
