@@ -7,7 +7,7 @@ from typing import cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from registry.model import Plugin, PluginStatus, PluginType
+from registry.model import Change, Plugin, PluginStatus, PluginType
 from registry.wire import pb
 
 
@@ -60,3 +60,31 @@ def endpoint(plugin: Plugin) -> pb.Endpoint:
     return pb.Endpoint(
         plugin_id=plugin.plugin_id, address=plugin.address, status=wire_status(plugin.status)
     )
+
+
+class MessageCache:
+    """RegisteredPlugin messages, built once per plugin state.
+
+    Plugins are immutable, so a cached message is reused while the catalog still
+    holds the very same object; ListPlugins of thousands and Watch snapshots then
+    cost a copy, not a rebuild. Removed plugins are dropped as changes commit.
+    """
+
+    def __init__(self) -> None:
+        self._messages: dict[str, tuple[Plugin, pb.RegisteredPlugin]] = {}
+
+    def get(self, plugin: Plugin) -> pb.RegisteredPlugin:
+        hit = self._messages.get(plugin.plugin_id)
+        if hit is not None and hit[0] is plugin:
+            return hit[1]
+        message = registered_plugin(plugin)
+        self._messages[plugin.plugin_id] = (plugin, message)
+        return message
+
+    def forget(self, changes: list[Change]) -> None:
+        for change in changes:
+            for plugin_id in change.removed:
+                self._messages.pop(plugin_id, None)
+
+    def clear(self) -> None:
+        self._messages.clear()

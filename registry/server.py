@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from registry import convert
 from registry.errors import RegistryError, StoreError
 from registry.migrate import upgrade
 from registry.poller import CheckSettings, HealthChecker
@@ -86,8 +87,11 @@ class RegistryServer:
         )
         self._state = state
         await state.start()
+        messages = convert.MessageCache()
+        state.subscribe(messages.forget, on_reset=messages.clear)
         self._hub = WatchHub(
             state,
+            messages,
             retain=settings.change_log_size,
             max_backlog=settings.watch_max_backlog,
             progress_interval=settings.watch_progress_interval,
@@ -115,7 +119,7 @@ class RegistryServer:
             ]
         )
         pb_grpc.add_PluginRegistryServicer_to_server(
-            RegistryService(state, self._hub, settings), server
+            RegistryService(state, self._hub, messages, settings), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

@@ -91,9 +91,16 @@ def _after(token: str) -> str:
 class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
     """Maps each RPC of ``polku.v1.PluginRegistry`` to one call on the state."""
 
-    def __init__(self, state: RegistryState, hub: WatchHub, settings: RegistrySettings) -> None:
+    def __init__(
+        self,
+        state: RegistryState,
+        hub: WatchHub,
+        messages: convert.MessageCache,
+        settings: RegistrySettings,
+    ) -> None:
         self._state = state
         self._hub = hub
+        self._messages = messages
         self._settings = settings
 
     @_status_mapped
@@ -150,7 +157,7 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
 
     def _page(self, plugins: list[Plugin], token: str) -> pb.ListPluginsResponse:
         return pb.ListPluginsResponse(
-            plugins=[convert.registered_plugin(p) for p in plugins],
+            plugins=[self._messages.get(p) for p in plugins],
             revision=self._state.catalog.revision,
             next_page_token=token,
         )
@@ -163,7 +170,7 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         plugin = self._state.catalog.get(plugin_id)
         if plugin is None:
             raise NotFound(f"plugin_id: no plugin {plugin_id!r} is registered")
-        return convert.registered_plugin(plugin)
+        return self._messages.get(plugin)
 
     @_status_mapped
     async def Resolve(

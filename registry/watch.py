@@ -51,7 +51,7 @@ class Watcher:
             self.backlog.append(change)
         self.wake.set()
 
-    def delta(self, change: Change) -> pb.WatchResponse | None:
+    def delta(self, change: Change, messages: convert.MessageCache) -> pb.WatchResponse | None:
         """The message for one change, filtered; None when nothing in it concerns us."""
         if change.revision <= self.revision:
             return None
@@ -65,7 +65,7 @@ class Watcher:
             return None
         return pb.WatchResponse(
             revision=change.revision,
-            upserted=[convert.registered_plugin(p) for p in upserted],
+            upserted=[messages.get(p) for p in upserted],
             removed_plugin_ids=removed,
         )
 
@@ -76,12 +76,14 @@ class WatchHub:
     def __init__(
         self,
         state: RegistryState,
+        messages: convert.MessageCache,
         *,
         retain: int = 10_000,
         max_backlog: int = 1024,
         progress_interval: float = 5.0,
     ) -> None:
         self._state = state
+        self._messages = messages
         self._log: deque[Change] = deque(state.history, maxlen=retain)
         self._published = state.catalog.revision
         self._max_backlog = max_backlog
@@ -138,7 +140,7 @@ class WatchHub:
             watcher.backlog.clear()
             return self._snapshot(watcher)
         while watcher.backlog:
-            message = watcher.delta(watcher.backlog.popleft())
+            message = watcher.delta(watcher.backlog.popleft(), self._messages)
             if message is not None:
                 return message
         return None
@@ -153,7 +155,7 @@ class WatchHub:
         return pb.WatchResponse(
             revision=catalog.revision,
             snapshot=True,
-            upserted=[convert.registered_plugin(p) for p in plugins],
+            upserted=[self._messages.get(p) for p in plugins],
         )
 
     def _on_changes(self, changes: list[Change]) -> None:
