@@ -108,6 +108,10 @@ class WatchHub:
         """The messages of one Watch call, until the hub closes or the caller stops."""
         watcher = self._subscribe(since_revision, sources)
         try:
+            if not watcher.needs_snapshot and not watcher.backlog:
+                # Resumed with nothing missed: say so now, so the client knows the
+                # stream is live without waiting for the first progress interval.
+                yield pb.WatchResponse(revision=watcher.revision)
             while not self._closed:
                 message = self._next(watcher)
                 if message is not None:
