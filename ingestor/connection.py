@@ -1,0 +1,122 @@
+"""Cached channels to plugin endpoints: one per address, per event loop.
+
+A ``grpc.aio`` channel belongs to the loop it was made on, so an ingestor used from
+its caller's loop and from the sync bridge keeps one pool for each. A pool is only
+touched from its own loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Collection, Iterable
+
+import grpc
+
+from ingestor.errors import PluginConnectionError
+from registry.client import open_channel
+from registry.wire import pb_grpc
+
+log = logging.getLogger(__name__)
+
+_READY = grpc.ChannelConnectivity.READY
+_FAILED = grpc.ChannelConnectivity.TRANSIENT_FAILURE
+_SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
+
+# gRPC shares subchannels between channels to one address; a shared one still backing
+# off after a failure would make a fresh channel fail at once. Dropping a broken
+# channel must mean a fresh connection attempt.
+_OWN_SUBCHANNELS = ("grpc.use_local_subchannel_pool", 1)
+
+
+class PluginConnection:
+    """A channel and an ``IngestorPlugin`` stub to one endpoint; connects lazily."""
+
+    def __init__(self, address: str, options: Iterable[tuple[str, int | str]] = ()) -> None:
+        self.address = address
+        self.channel = open_channel(address, [_OWN_SUBCHANNELS, *options])
+        self.stub = pb_grpc.IngestorPluginStub(self.channel)
+        self.ready = False
+        # Set when this pool dropped it: a call cancelled by its closing was not the caller's.
+        self.dropped = False
+
+    async def connect(self, timeout: float) -> None:  # noqa: ASYNC109 (maps to our error)
+        """Wait until the channel is READY (once; later calls return at once).
+
+        Raises:
+            PluginConnectionError: the connection attempt failed (e.g. refused), or was
+                not READY within ``timeout`` seconds.
+        Cancellation abandons the wait; the channel stays usable.
+        """
+        if self.ready:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                state = self.channel.get_state(try_to_connect=True)
+                while state is not _READY:
+                    if state in (_FAILED, _SHUTDOWN):
+                        raise PluginConnectionError(
+                            f"cannot connect to plugin at {self.address} ({state.name})",
+                            address=self.address,
+                        )
+                    await self.channel.wait_for_state_change(state)
+                    state = self.channel.get_state(try_to_connect=True)
+        except TimeoutError as exc:
+            raise PluginConnectionError(
+                f"cannot connect to plugin at {self.address}: not ready within {timeout:g} s",
+                address=self.address,
+            ) from exc
+        self.ready = True
+
+    async def close(self, grace: float | None = None) -> None:
+        """Close the channel; calls in flight get up to ``grace`` seconds to finish."""
+        await self.channel.close(grace)
+
+
+class ConnectionPool:
+    """The connections one ingestor holds on one event loop."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, options: Iterable[tuple[str, int | str]] = ()
+    ) -> None:
+        self.loop = loop
+        self._options = list(options)
+        self._connections: dict[str, PluginConnection] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def get(self, address: str) -> PluginConnection:
+        """The cached connection to ``address``, made (not yet connected) when missing."""
+        connection = self._connections.get(address)
+        if connection is None:
+            connection = PluginConnection(address, self._options)
+            self._connections[address] = connection
+        return connection
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def drop(self, connection: PluginConnection, grace: float | None) -> None:
+        """Forget a connection and close it in the background (calls in flight get ``grace``)."""
+        if self._connections.get(connection.address) is connection:
+            del self._connections[connection.address]
+        if connection.dropped:
+            return
+        connection.dropped = True
+        task = self.loop.create_task(connection.close(grace))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def keep_only(self, addresses: Collection[str], grace: float | None) -> None:
+        """Drop every connection whose address is not in ``addresses``."""
+        for address, connection in list(self._connections.items()):
+            if address not in addresses:
+                log.debug("closing the channel to %s: no longer routable", address)
+                self.drop(connection, grace)
+
+    async def close(self) -> None:
+        """Close every connection now (calls in flight are cancelled) and wait for it."""
+        connections, self._connections = list(self._connections.values()), {}
+        for connection in connections:
+            connection.dropped = True
+        closing = [c.close() for c in connections]
+        await asyncio.gather(*closing, *self._closing, return_exceptions=True)

@@ -1,0 +1,195 @@
+"""``Hub``: routes each payload by ``ctx.source`` to the ingestor for that source.
+
+hub = Hub().ingestor(ExternalIngestor("k8s", "127.0.0.1:9001")).build()
+hub = Hub(resolver=RegistryResolver(registry)).build()   # every registered source
+events = hub.ingest(IngestContext("k8s"), raw)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from types import TracebackType
+
+from ingestor import _loop
+from ingestor.breaker import BreakerSettings
+from ingestor.context import IngestContext
+from ingestor.errors import PluginError
+from ingestor.external import DEFAULT_CONNECT_TIMEOUT, DEFAULT_INGEST_TIMEOUT, ExternalIngestor
+from ingestor.resolver import RegistryResolver
+from registry.wire import event_pb
+
+
+class Hub:
+    """Source → ingestor routing: static ingestors first, then the registry's plugins.
+
+    Add static ingestors with :meth:`ingestor`, then call :meth:`build`. With a
+    ``resolver``, a source no static ingestor serves goes to the registered plugins
+    declaring it, through an ExternalIngestor made on first use (with
+    ``connect_timeout``, ``ingest_timeout`` and ``breaker``).
+
+    The hub owns its ingestors, static and dynamic, and closes them; it does not own
+    ``resolver``. Thread rules as :class:`ExternalIngestor`.
+    """
+
+    def __init__(
+        self,
+        resolver: RegistryResolver | None = None,
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        ingest_timeout: float = DEFAULT_INGEST_TIMEOUT,
+        breaker: BreakerSettings | None = None,
+    ) -> None:
+        self.resolver = resolver
+        self.connect_timeout = connect_timeout
+        self.ingest_timeout = ingest_timeout
+        self.breaker = breaker
+        self._lock = threading.Lock()
+        self._static: dict[str, ExternalIngestor] = {}
+        self._dynamic: dict[str, ExternalIngestor] = {}
+        self._built = False
+        self._closed = False
+
+    def ingestor(self, ingestor: ExternalIngestor) -> Hub:
+        """Route ``ingestor.source`` to ``ingestor``; returns the hub (chainable).
+
+        Raises:
+            ValueError: another ingestor already serves that source.
+            PluginError: the hub is already built.
+        """
+        with self._lock:
+            if self._built:
+                raise PluginError("the hub is built: add ingestors before build()")
+            if ingestor.source in self._static:
+                raise ValueError(f"source {ingestor.source!r} already has an ingestor")
+            self._static[ingestor.source] = ingestor
+        return self
+
+    def build(self) -> Hub:
+        """Freeze the static routes; the hub routes from now on. Returns the hub."""
+        with self._lock:
+            self._built = True
+        return self
+
+    def sources(self) -> frozenset[str]:
+        """The sources it routes now: static ones and, once synced, registered ones."""
+        static = frozenset(self._static)
+        view = None if self.resolver is None else self.resolver.view
+        return static if view is None else static | view.sources()
+
+    async def route_async(self, source: str) -> ExternalIngestor:
+        """The ingestor for ``source`` (a dynamic one is made on first use).
+
+        Raises:
+            PluginError: no ingestor serves ``source`` and no registered plugin declares
+                it, the hub is not built, or it is closed.
+            PluginConnectionError: a resolver that never synced within its connect timeout.
+        """
+        self._check_usable()
+        ingestor = self._static.get(source)
+        if ingestor is not None:
+            return ingestor
+        if self.resolver is None:
+            raise PluginError(f"no ingestor for source {source!r} (the hub has no resolver)")
+        view = self.resolver.view or await self.resolver.wait_synced_async(
+            self.resolver.connect_timeout
+        )
+        if not view.declares(source):
+            raise PluginError(
+                f"no ingestor for source {source!r}: none configured and no registered "
+                f"plugin declares it (registry revision {view.revision})"
+            )
+        return self._dynamic_ingestor(source, self.resolver)
+
+    async def ingest_async(self, ctx: IngestContext, data: bytes) -> list[event_pb.Event]:
+        """Route ``data`` by ``ctx.source`` and ingest it; the events.
+
+        Raises:
+            PluginError: no route for ``ctx.source`` (and as :meth:`route_async`).
+            PluginConnectionError, PluginTransformError: as ExternalIngestor.ingest_async.
+        Cancellation cancels the RPC in flight.
+        """
+        ingestor = await self.route_async(ctx.source)
+        return await ingestor.ingest_async(ctx, data)
+
+    def ingest(self, ctx: IngestContext, data: bytes) -> list[event_pb.Event]:
+        """Synchronous :meth:`ingest_async`, from any thread without a running loop.
+
+        Raises:
+            PluginError: called on a thread whose event loop is running (use
+                ``await hub.ingest_async`` there); and as :meth:`ingest_async`.
+        """
+        budget = 2 * (self.connect_timeout + self.ingest_timeout) + 1
+        for ingestor in self._static.values():
+            budget = max(budget, 2 * (ingestor.connect_timeout + ingestor.ingest_timeout) + 1)
+        if self.resolver is not None:
+            budget += self.resolver.connect_timeout
+        return _loop.run_sync(
+            lambda: self.ingest_async(ctx, data),
+            timeout=budget,
+            what="Hub.ingest",
+            instead="hub.ingest_async(ctx, data)",
+        )
+
+    def close(self) -> None:
+        """Close every ingestor of the hub. Idempotent."""
+        for ingestor in self._shut():
+            ingestor.close()
+
+    async def aclose(self) -> None:
+        """Close every ingestor of the hub, waiting for their channels. Idempotent."""
+        await asyncio.gather(*(ingestor.aclose() for ingestor in self._shut()))
+
+    def __enter__(self) -> Hub:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Hub:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise PluginError("the hub is closed")
+        if not self._built:
+            raise PluginError("the hub is not built: call build() before routing")
+
+    def _dynamic_ingestor(self, source: str, resolver: RegistryResolver) -> ExternalIngestor:
+        ingestor = self._dynamic.get(source)
+        if ingestor is not None:
+            return ingestor
+        with self._lock:
+            if self._closed:
+                raise PluginError("the hub is closed")
+            ingestor = self._dynamic.get(source)
+            if ingestor is None:
+                ingestor = ExternalIngestor(
+                    source,
+                    resolver=resolver,
+                    connect_timeout=self.connect_timeout,
+                    ingest_timeout=self.ingest_timeout,
+                    breaker=self.breaker,
+                )
+                self._dynamic[source] = ingestor
+            return ingestor
+
+    def _shut(self) -> list[ExternalIngestor]:
+        with self._lock:
+            self._closed = True
+            ingestors = [*self._static.values(), *self._dynamic.values()]
+            self._dynamic = {}
+        return ingestors

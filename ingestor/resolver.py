@@ -1,0 +1,514 @@
+"""A local cache of the registry, fed by ``Watch``, that resolves sources to endpoints.
+
+    with RegistryResolver("127.0.0.1:50051") as resolver:
+        resolver.wait_synced(5)
+        print(resolver.resolve("k8s"))
+
+The cache follows one Watch stream: a snapshot, then one message per change. When the
+stream breaks it reconnects with exponential backoff and jitter and resumes from the
+last revision it saw; meanwhile it keeps serving the last view it had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+from ingestor import _loop
+from ingestor.errors import PluginConnectionError, PluginError
+from ingestor.view import Endpoint, ResolverView
+from registry.client import RegistryClient
+from registry.errors import RegistryError
+from registry.wire import pb
+
+log = logging.getLogger(__name__)
+
+ViewHook = Callable[[ResolverView], None]
+
+
+class _State(enum.Enum):
+    UNOPENED = "unopened"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class _Signal:
+    """Wakes waiters on any thread or event loop each time the view changes."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._futures: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
+
+    def notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+            futures, self._futures = self._futures, set()
+        for loop, future in futures:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_wake, future)
+
+    def wait(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout)
+
+    async def wait_async(
+        self,
+        predicate: Callable[[], bool],
+        timeout: float | None,  # noqa: ASYNC109 (shared with the sync wait)
+    ) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            with self._cond:
+                if predicate():
+                    return True
+                future: asyncio.Future[None] = loop.create_future()
+                self._futures.add((loop, future))
+            try:
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    return False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(future, remaining)
+            finally:
+                with self._cond:
+                    self._futures.discard((loop, future))
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class RegistryResolver:
+    """A Watch-fed cache of the registry: resolves a source to its HEALTHY endpoints.
+
+    Thread rules: every method may be called from any thread. The Watch stream runs
+    as one task, either on the package's private loop thread (``start()``, ``with``,
+    or lazily on first resolution) or on the caller's loop (``await start_async()``,
+    ``async with``); that loop must keep running while the resolver is in use. Views
+    are immutable and swapped atomically, so resolution never blocks on the stream.
+
+    ``max_staleness`` (seconds): when set, resolving from a view not confirmed for
+    longer (no message, not even an idle progress message, from a live stream) raises
+    PluginConnectionError. Set it above the registry's progress interval (5 s by
+    default). ``connect_timeout`` bounds how long :meth:`resolve_async` waits for the
+    first snapshot. ``sources`` narrows the stream to plugins declaring one of them.
+    Reconnection waits grow from ``backoff_initial`` to ``backoff_max`` seconds, jittered.
+    Construction never connects.
+
+    Raises (constructor):
+        ValueError: a setting is out of range (the message names it).
+    """
+
+    def __init__(
+        self,
+        registry_address: str,
+        *,
+        max_staleness: float | None = None,
+        connect_timeout: float = 5.0,
+        sources: Iterable[str] = (),
+        backoff_initial: float = 0.05,
+        backoff_max: float = 5.0,
+    ) -> None:
+        if max_staleness is not None and max_staleness <= 0:
+            raise ValueError(f"max_staleness: {max_staleness!r} must be positive")
+        if connect_timeout <= 0:
+            raise ValueError(f"connect_timeout: {connect_timeout!r} must be positive")
+        if not 0 < backoff_initial <= backoff_max:
+            raise ValueError("backoff_initial and backoff_max: need 0 < initial <= max")
+        self.address = registry_address
+        self.max_staleness = max_staleness
+        self.connect_timeout = connect_timeout
+        self.sources = tuple(sources)
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self._lock = threading.Lock()
+        self._state = _State.UNOPENED
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._view: ResolverView | None = None
+        self._confirmed_at: float | None = None
+        self._connected = False
+        self._last_error = ""
+        self._hooks: list[ViewHook] = []
+        self._signal = _Signal()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start following the registry on the private loop thread; returns at once.
+
+        Idempotent; a no-op when already started (on any loop). Never blocks, so it may
+        be called anywhere, inside a running loop too.
+
+        Raises:
+            PluginError: the resolver is closed.
+        """
+        loop = _loop.bridge_loop()
+        if self._claim(loop):
+            loop.call_soon_threadsafe(self._spawn)
+
+    async def start_async(self) -> None:
+        """Start following the registry on the running loop (idempotent).
+
+        Raises:
+            PluginError: the resolver is closed.
+        """
+        if self._claim(asyncio.get_running_loop()):
+            self._spawn()
+
+    def close(self) -> None:
+        """Stop the stream and refuse further use. Idempotent; safe before start.
+
+        Waits for the stream task to end unless called inside a running event loop,
+        where it only cancels it (use ``await aclose()`` there to wait).
+        """
+        loop, task = self._shut()
+        if loop is None or task is None or loop.is_closed():
+            return
+        if _loop.running_loop() is loop:
+            task.cancel()
+            return
+        try:
+            future = asyncio.run_coroutine_threadsafe(_cancel(task), loop)
+            if _loop.running_loop() is None:
+                future.result(self.connect_timeout)
+        except (RuntimeError, TimeoutError) as exc:  # its loop stopped, or is stuck
+            log.warning("registry resolver stream did not stop cleanly: %r", exc)
+
+    async def aclose(self) -> None:
+        """Stop the stream and wait for it to end. Idempotent; safe before start."""
+        loop, task = self._shut()
+        if loop is None or task is None or loop.is_closed():
+            return
+        if asyncio.get_running_loop() is loop:
+            await _cancel(task)
+            return
+        with contextlib.suppress(RuntimeError):
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_cancel(task), loop))
+
+    def __enter__(self) -> RegistryResolver:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> RegistryResolver:
+        await self.start_async()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- what it knows -----------------------------------------------------------------
+
+    @property
+    def view(self) -> ResolverView | None:
+        """The current view; None until the first snapshot arrived."""
+        return self._view
+
+    @property
+    def synced(self) -> bool:
+        """Whether a snapshot has ever arrived."""
+        return self._view is not None
+
+    @property
+    def connected(self) -> bool:
+        """Whether the Watch stream is up now."""
+        return self._connected
+
+    @property
+    def revision(self) -> int:
+        """The registry revision the view reflects; 0 before the first snapshot."""
+        view = self._view
+        return 0 if view is None else view.revision
+
+    @property
+    def staleness(self) -> float:
+        """Seconds since a live stream last confirmed the view; ``inf`` before any."""
+        confirmed = self._confirmed_at
+        return math.inf if confirmed is None else time.monotonic() - confirmed
+
+    def subscribe(self, hook: ViewHook) -> Callable[[], None]:
+        """Call ``hook(view)`` after every change of the view; returns an unsubscribe.
+
+        Hooks run on the resolver's loop thread, right after the view is swapped: they
+        must be quick, must not block, and must be thread-safe. Exceptions are logged.
+        """
+        with self._lock:
+            self._hooks = [*self._hooks, hook]
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._hooks = [h for h in self._hooks if h is not hook]
+
+        return unsubscribe
+
+    # -- resolution --------------------------------------------------------------------
+
+    def resolve(self, source: str) -> tuple[Endpoint, ...]:
+        """The HEALTHY endpoints of ``source`` from the current view; never blocks.
+
+        Starts the resolver (on the private loop thread) when it was not started.
+
+        Raises:
+            PluginConnectionError: the resolver has not synced yet, its view is older
+                than ``max_staleness``, or no HEALTHY plugin serves ``source``.
+            PluginError: the resolver is closed.
+        """
+        view = self._current_view()
+        endpoints = view.endpoints(source)
+        if endpoints:
+            return endpoints
+        if view.declares(source):
+            why = f"{len(view.members[source])} instance(s) registered, none HEALTHY"
+        else:
+            why = "no registered plugin declares it"
+        raise PluginConnectionError(
+            f"no routable plugin for source {source!r}: {why} (registry revision {view.revision})"
+        )
+
+    async def resolve_async(self, source: str) -> tuple[Endpoint, ...]:
+        """Like :meth:`resolve`, but first waits up to ``connect_timeout`` for a snapshot.
+
+        Raises:
+            PluginConnectionError: as :meth:`resolve`, or no snapshot within the timeout.
+            PluginError: the resolver is closed.
+        Cancellation only abandons the wait.
+        """
+        if self._view is None:
+            await self.wait_synced_async(self.connect_timeout)
+        return self.resolve(source)
+
+    def current_view(self) -> ResolverView:
+        """The view resolution would use now.
+
+        Raises:
+            PluginConnectionError: not synced yet, or older than ``max_staleness``.
+            PluginError: the resolver is closed.
+        """
+        return self._current_view()
+
+    # -- waiting -----------------------------------------------------------------------
+
+    def wait_synced(self, timeout: float | None = None) -> ResolverView:
+        """Block until the first snapshot arrived (starting the resolver if needed).
+
+        Raises:
+            PluginConnectionError: no snapshot within ``timeout`` seconds.
+            PluginError: the resolver is closed, or called inside a running event loop
+                (use ``await wait_synced_async()`` there).
+        """
+        _loop.refuse_inside_loop("RegistryResolver.wait_synced", "wait_synced_async()")
+        self._ensure_started()
+        if not self._signal.wait(self._synced_or_closed, timeout):
+            raise self._not_synced(timeout)
+        return self._current_view(check_staleness=False)
+
+    # The async waits take a timeout like their sync twins (and raise this package's errors).
+    async def wait_synced_async(self, timeout: float | None = None) -> ResolverView:  # noqa: ASYNC109
+        """Wait until the first snapshot arrived (starting the resolver if needed).
+
+        Raises:
+            PluginConnectionError: no snapshot within ``timeout`` seconds.
+            PluginError: the resolver is closed.
+        Cancellation only abandons the wait.
+        """
+        self._ensure_started()
+        if not await self._signal.wait_async(self._synced_or_closed, timeout):
+            raise self._not_synced(timeout)
+        return self._current_view(check_staleness=False)
+
+    def wait_for(
+        self, predicate: Callable[[ResolverView], bool], timeout: float | None = None
+    ) -> ResolverView:
+        """Block until the view satisfies ``predicate``; returns that view.
+
+        Raises:
+            TimeoutError: not within ``timeout`` seconds.
+            PluginError: the resolver is closed, or called inside a running event loop.
+        """
+        _loop.refuse_inside_loop("RegistryResolver.wait_for", "wait_for_async()")
+        self._ensure_started()
+        if not self._signal.wait(self._matches(predicate), timeout):
+            raise TimeoutError(f"the registry view did not match within {timeout} s")
+        return self._current_view(check_staleness=False)
+
+    async def wait_for_async(
+        self,
+        predicate: Callable[[ResolverView], bool],
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> ResolverView:
+        """Wait until the view satisfies ``predicate``; returns that view.
+
+        Raises:
+            TimeoutError: not within ``timeout`` seconds.
+            PluginError: the resolver is closed.
+        Cancellation only abandons the wait.
+        """
+        self._ensure_started()
+        if not await self._signal.wait_async(self._matches(predicate), timeout):
+            raise TimeoutError(f"the registry view did not match within {timeout} s")
+        return self._current_view(check_staleness=False)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _claim(self, loop: asyncio.AbstractEventLoop) -> bool:
+        with self._lock:
+            if self._state is _State.CLOSED:
+                raise PluginError("the registry resolver is closed")
+            if self._state is _State.OPEN:
+                return False
+            self._state = _State.OPEN
+            self._loop = loop
+            return True
+
+    def _spawn(self) -> None:
+        with self._lock:
+            if self._state is not _State.OPEN or self._task is not None:
+                return
+            self._task = asyncio.get_running_loop().create_task(
+                self._follow(), name=f"registry-resolver {self.address}"
+            )
+
+    def _shut(self) -> tuple[asyncio.AbstractEventLoop | None, asyncio.Task[None] | None]:
+        with self._lock:
+            self._state = _State.CLOSED
+            loop, task, self._task = self._loop, self._task, None
+            self._hooks = []
+        self._signal.notify()
+        return loop, task
+
+    def _ensure_started(self) -> None:
+        if self._state is _State.UNOPENED:
+            self.start()
+
+    def _synced_or_closed(self) -> bool:
+        return self._view is not None or self._state is _State.CLOSED
+
+    def _matches(self, predicate: Callable[[ResolverView], bool]) -> Callable[[], bool]:
+        def check() -> bool:
+            view = self._view
+            return self._state is _State.CLOSED or (view is not None and predicate(view))
+
+        return check
+
+    def _current_view(self, *, check_staleness: bool = True) -> ResolverView:
+        if self._state is _State.CLOSED:
+            raise PluginError("the registry resolver is closed")
+        self._ensure_started()
+        view = self._view
+        if view is None:
+            raise self._not_synced(None)
+        if check_staleness and self.max_staleness is not None:
+            staleness = self.staleness
+            if staleness > self.max_staleness:
+                raise PluginConnectionError(
+                    f"the view of registry {self.address} is {staleness:.1f} s old "
+                    f"(max_staleness {self.max_staleness:g} s){self._error_suffix()}"
+                )
+        return view
+
+    def _not_synced(self, timeout: float | None) -> PluginError:
+        if self._state is _State.CLOSED:
+            return PluginError("the registry resolver is closed")
+        within = "" if timeout is None else f" within {timeout:g} s"
+        return PluginConnectionError(
+            f"no view of registry {self.address} yet: it has not answered Watch"
+            f"{within}{self._error_suffix()}"
+        )
+
+    def _error_suffix(self) -> str:
+        return f"; last error: {self._last_error}" if self._last_error else ""
+
+    async def _follow(self) -> None:
+        """Follow Watch until cancelled: resume after every break, back off between tries."""
+        attempt = 0
+        while True:
+            client = RegistryClient(self.address)
+            try:
+                async for message in client.watch(
+                    since_revision=self.revision, sources=self.sources
+                ):
+                    if not self._connected:
+                        self._connected = True
+                        attempt = 0
+                        log.info(
+                            "watching registry %s from revision %d", self.address, self.revision
+                        )
+                    self._on_message(message)
+                self._broke("the stream ended")
+            except RegistryError as exc:
+                self._broke(str(exc))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("registry resolver failed; retrying")
+                self._broke(repr(exc))
+            finally:
+                self._connected = False
+                await client.close()
+            ceiling = min(self.backoff_max, self.backoff_initial * 2 ** min(attempt, 32))
+            attempt += 1
+            await asyncio.sleep(random.uniform(ceiling / 2, ceiling))
+
+    def _broke(self, reason: str) -> None:
+        if self._connected:
+            log.warning(
+                "lost registry %s (%s); serving the view of revision %d",
+                self.address,
+                reason,
+                self.revision,
+            )
+        else:
+            log.debug("registry %s unreachable: %s", self.address, reason)
+        self._last_error = reason
+
+    def _on_message(self, message: pb.WatchResponse) -> None:
+        view = self._view
+        if view is None and not message.snapshot:
+            return  # cannot happen from revision 0 (a snapshot comes first); be safe
+        if message.snapshot or view is None:
+            new = ResolverView.snapshot(message.revision, message.upserted)
+        elif message.upserted or message.removed_plugin_ids:
+            new = view.apply(message.revision, message.upserted, message.removed_plugin_ids)
+        else:
+            new = view.at(message.revision)
+        self._confirmed_at = time.monotonic()
+        self._last_error = ""
+        if new is view:
+            return
+        self._view = new
+        for hook in self._hooks:
+            try:
+                hook(new)
+            except Exception:
+                log.exception("registry view hook %r failed", hook)
+        self._signal.notify()
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
