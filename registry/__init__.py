@@ -1,4 +1,11 @@
-"""polku-registry: the plugin registry and discovery service of the POLKU gateway."""
+"""polku-registry: the plugin registry and discovery service of the POLKU gateway.
+
+The server side (``RegistryServer``, ``RegistrySettings``) is imported on first use,
+so clients, plugins and the CLI's client commands do not pay for SQLAlchemy and
+Alembic at start-up.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from registry.client import RegistryClient
 from registry.errors import (
@@ -10,8 +17,10 @@ from registry.errors import (
     StoreError,
 )
 from registry.model import PluginStatus, PluginType
-from registry.server import RegistryServer
-from registry.settings import RegistrySettings
+
+if TYPE_CHECKING:
+    from registry.server import RegistryServer
+    from registry.settings import RegistrySettings
 
 __all__ = [
     "AlreadyExists",
@@ -26,3 +35,13 @@ __all__ = [
     "RegistryUnavailable",
     "StoreError",
 ]
+
+_LAZY = {"RegistryServer": "registry.server", "RegistrySettings": "registry.settings"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'registry' has no attribute {name!r}")

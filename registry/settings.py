@@ -5,10 +5,17 @@ Only the CLI reads flags and environment variables; library users build this.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from registry.store import default_database_url
 from registry.validation import Limits
+
+
+def default_database_url() -> str:
+    """The embedded default: an SQLite file under the user's data directory."""
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return f"sqlite+aiosqlite:///{base / 'polku-registry' / 'registry.db'}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,27 +51,30 @@ class RegistrySettings:
     def __post_init__(self) -> None:
         lim = self.limits
         checks = {
-            "listen": bool(self.listen),
-            "database_url": bool(self.database_url),
-            "lease_ttl": lim.min_lease_ttl <= self.lease_ttl <= lim.max_lease_ttl,
-            "health_interval": self.health_interval > 0,
-            "health_timeout": self.health_timeout > 0,
-            "unhealthy_threshold": self.unhealthy_threshold >= 1,
-            "healthy_threshold": self.healthy_threshold >= 1,
-            "deregister_after": self.deregister_after >= 0,
-            "max_message_bytes": self.max_message_bytes >= 4096,
-            "flush_interval": self.flush_interval > 0,
-            "db_check_interval": self.db_check_interval > 0,
-            "health_concurrency": self.health_concurrency >= 1,
-            "suspect_retry": self.suspect_retry > 0,
-            "reap_interval": self.reap_interval > 0,
-            "watch_progress_interval": self.watch_progress_interval > 0,
-            "watch_max_backlog": self.watch_max_backlog >= 1,
-            "change_log_size": self.change_log_size >= 1,
+            "listen": (bool(self.listen), "must not be empty"),
+            "database_url": (bool(self.database_url), "must not be empty"),
+            "lease_ttl": (
+                lim.min_lease_ttl <= self.lease_ttl <= lim.max_lease_ttl,
+                f"must be from {lim.min_lease_ttl} to {lim.max_lease_ttl} seconds",
+            ),
+            "health_interval": (self.health_interval > 0, "must be positive"),
+            "health_timeout": (self.health_timeout > 0, "must be positive"),
+            "unhealthy_threshold": (self.unhealthy_threshold >= 1, "must be at least 1"),
+            "healthy_threshold": (self.healthy_threshold >= 1, "must be at least 1"),
+            "deregister_after": (self.deregister_after >= 0, "must not be negative (0: never)"),
+            "max_message_bytes": (self.max_message_bytes >= 4096, "must be at least 4096"),
+            "flush_interval": (self.flush_interval > 0, "must be positive"),
+            "db_check_interval": (self.db_check_interval > 0, "must be positive"),
+            "health_concurrency": (self.health_concurrency >= 1, "must be at least 1"),
+            "suspect_retry": (self.suspect_retry > 0, "must be positive"),
+            "reap_interval": (self.reap_interval > 0, "must be positive"),
+            "watch_progress_interval": (self.watch_progress_interval > 0, "must be positive"),
+            "watch_max_backlog": (self.watch_max_backlog >= 1, "must be at least 1"),
+            "change_log_size": (self.change_log_size >= 1, "must be at least 1"),
         }
-        for name, ok in checks.items():
+        for name, (ok, rule) in checks.items():
             if not ok:
-                raise ValueError(f"{name}: {getattr(self, name)!r} is out of range")
+                raise ValueError(f"{name}: {getattr(self, name)!r} {rule}")
 
     @property
     def heartbeat_interval(self) -> int:

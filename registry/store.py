@@ -7,7 +7,6 @@ transaction per batch. Database errors leave it as :class:`StoreError`, chained.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,7 +15,7 @@ from typing import Any, Protocol
 
 from sqlalchemy import delete, event, insert, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from registry.errors import StoreError
@@ -26,19 +25,16 @@ from registry.tables import ChangeRow, PluginRow, RegistryMetaRow
 _CHUNK = 500  # ids per IN (...) clause; SQLite caps bound parameters
 
 
-def default_database_url() -> str:
-    """The embedded default: an SQLite file under the user's data directory."""
-    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return f"sqlite+aiosqlite:///{base / 'polku-registry' / 'registry.db'}"
-
-
 def normalize_url(url: str) -> str:
     """Pick the async driver for plain ``sqlite://`` and ``postgresql://`` URLs.
 
     Raises:
         ValueError: the URL is malformed or names an unsupported database.
     """
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ValueError(f"{url!r} is not a database URL") from exc
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         parsed = parsed.set(drivername="sqlite+aiosqlite")
@@ -98,12 +94,21 @@ class SqlStore:
 
     @classmethod
     def open(cls, url: str) -> SqlStore:
-        """Create the engine (no connection yet); creates the SQLite file's folder."""
+        """Create the engine (no connection yet); creates the SQLite file's folder.
+
+        Raises:
+            ValueError: the URL is malformed or names an unsupported database.
+            StoreError: the SQLite file's folder cannot be created.
+        """
         url = normalize_url(url)
         parsed = make_url(url)
         if parsed.get_backend_name() == "sqlite":
             if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                folder = Path(parsed.database).parent
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StoreError(f"cannot create {folder}: {exc.strerror}") from exc
             engine = create_async_engine(url, connect_args={"timeout": 30})
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         else:

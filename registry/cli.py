@@ -1,0 +1,449 @@
+"""``polku-registry``: run the registry, migrate its database, and manage plugins.
+
+Every option also reads an environment variable, ``POLKU_REGISTRY_<OPTION>``
+(``--registry`` reads ``POLKU_REGISTRY``): the command line beats the environment,
+which beats the default. Exit status: 0 success, 1 a runtime error (one line on
+stderr), 2 a usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from registry import render
+from registry.client import DEFAULT_REGISTRY, RegistryClient
+from registry.durations import format_duration, parse_duration
+from registry.errors import RegistryError
+from registry.settings import RegistrySettings, default_database_url
+from registry.wire import pb
+
+log = logging.getLogger(__name__)
+
+PROG = "polku-registry"
+ENV_PREFIX = "POLKU_REGISTRY"
+STOP_GRACE = 5.0
+TYPES = {"ingestor": pb.PLUGIN_TYPE_INGESTOR, "emitter": pb.PLUGIN_TYPE_EMITTER}
+STATUSES = {
+    "unknown": pb.PLUGIN_STATUS_UNKNOWN,
+    "healthy": pb.PLUGIN_STATUS_HEALTHY,
+    "unhealthy": pb.PLUGIN_STATUS_UNHEALTHY,
+    "expired": pb.PLUGIN_STATUS_EXPIRED,
+}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class CliError(Exception):
+    """A failure reported as one line on stderr, exit status 1."""
+
+
+# -- argument types: argparse turns ArgumentTypeError into a usage error (exit 2) --------
+
+
+def duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def whole_seconds(text: str) -> int:
+    seconds = math.floor(duration(text) + 0.5)  # half up: round() would make 2.5s into 2s
+    if seconds < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} rounds to {seconds}s; it must be at least 1s")
+    return seconds
+
+
+def count(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return number
+
+
+def label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
+    return key, value
+
+
+# -- options that fall back on the environment --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Option:
+    action: argparse.Action
+    env: str
+    default: Any
+    required: bool
+    repeated: bool  # action="append": the variable holds a comma-separated list
+    exclusive: str  # options sharing this key are mutually exclusive; "" for none
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose options fall back on environment variables, then defaults.
+
+    Options are added with ``default=SUPPRESS`` so that after parsing the namespace holds
+    exactly what the command line gave; :meth:`complete` then fills in the rest.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.options: list[_Option] = []
+        self.required_groups: set[str] = set()
+        self._groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+
+    def option(
+        self,
+        *flags: str,
+        help: str,
+        default: Any = None,
+        shown: str = "",
+        env: str = "",
+        required: bool = False,
+        exclusive: str = "",
+        **kwargs: Any,
+    ) -> None:
+        """Add an option read from the command line, else ``env``, else ``default``."""
+        env = env or f"{ENV_PREFIX}_{_dest(flags[-1]).upper()}"
+        kind = kwargs.get("type")
+        if kind in (duration, whole_seconds, count):
+            kwargs.setdefault("metavar", "N" if kind is count else "D")
+        if kind in (duration, whole_seconds) and default is not None:
+            shown = f"default {format_duration(default)}"
+        shown = "required" if required else shown or (f"default {default}" if default else "")
+        note = f"env {env}" + (f"; {shown}" if shown else "")
+        container: argparse._ActionsContainer = self
+        if exclusive:
+            if exclusive not in self._groups:
+                self._groups[exclusive] = self.add_mutually_exclusive_group()
+            container = self._groups[exclusive]
+        action = container.add_argument(
+            *flags,
+            default=argparse.SUPPRESS,
+            help=f"{help} ({note})".strip().replace("%", "%%"),
+            **kwargs,
+        )
+        repeated = kwargs.get("action") == "append"
+        self.options.append(_Option(action, env, default, required, repeated, exclusive))
+
+    def complete(self, args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+        """Fill each option the command line did not give, from the environment or default.
+
+        Raises:
+            CliError: an environment variable is malformed or conflicts with another.
+            SystemExit: a required option is missing everywhere (a usage error).
+        """
+        given = set(vars(args))
+        from_env: dict[str, list[str]] = {}
+        for option in self.options:
+            dest = option.action.dest
+            if dest in given:
+                continue
+            rivals_given = option.exclusive and any(
+                o.exclusive == option.exclusive and o.action.dest in given for o in self.options
+            )
+            raw = "" if rivals_given else environ.get(option.env, "")
+            if raw:
+                setattr(args, dest, _from_environment(option, raw))
+                from_env.setdefault(option.exclusive, []).append(option.env)
+            elif option.required:
+                self.error(f"{_flag(option)} is required (or set {option.env})")
+            else:
+                setattr(args, dest, option.default)
+        for key, names in from_env.items():
+            if key and len(names) > 1:
+                raise CliError(f"{' and '.join(names)} are both set; give only one")
+        for key in self.required_groups:
+            group = [o for o in self.options if o.exclusive == key]
+            if not any(getattr(args, o.action.dest) for o in group):
+                self.error(f"one of {', '.join(map(_flag, group))} is required")
+
+
+def _flag(option: _Option) -> str:
+    return option.action.option_strings[-1]
+
+
+def _from_environment(option: _Option, raw: str) -> Any:
+    action = option.action
+    items = [part.strip() for part in raw.split(",")] if option.repeated else [raw]
+    convert: Callable[[str], Any] = action.type if callable(action.type) else str
+    values = []
+    for item in items:
+        try:
+            value = convert(item)
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            raise CliError(f"{option.env}={raw!r}: {exc}") from exc
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            raise CliError(f"{option.env}={raw!r}: choose from {choices}")
+        values.append(value)
+    return values if option.repeated else values[0]
+
+
+# -- the parser ---------------------------------------------------------------------------
+
+# serve options that are RegistrySettings fields of the same name
+SETTINGS_OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
+    ("--lease-ttl", whole_seconds, "lease of a plugin that asks for none"),
+    ("--health-interval", duration, "time between two health checks of a plugin"),
+    ("--health-timeout", duration, "deadline of one health check"),
+    ("--unhealthy-threshold", count, "failed checks that make a plugin unhealthy"),
+    ("--healthy-threshold", count, "passed checks that make it healthy again"),
+    ("--deregister-after", duration, "how long an unhealthy or expired plugin stays"),
+    ("--max-message-bytes", count, "largest request accepted"),
+)
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def build_parser() -> _Parser:
+    """The parser of every command; :meth:`_Parser.complete` finishes what it parsed."""
+    parser = _Parser(prog=PROG, description="The POLKU plugin registry and its operator tool.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    defaults = RegistrySettings(database_url="unused")
+
+    def command(name: str, run: Callable[[argparse.Namespace], Any], help: str) -> _Parser:
+        sub: _Parser = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(run=run, parser=sub)
+        return sub
+
+    def db_option(sub: _Parser) -> None:
+        shown = f"default {default_database_url()}"
+        sub.option("--db", metavar="URL", shown=shown, help="sqlite:///PATH or postgresql://...")
+
+    def client_options(sub: _Parser, *, output: bool = True) -> None:
+        sub.option("--registry", metavar="ADDR", env=ENV_PREFIX, default=DEFAULT_REGISTRY, help="")
+        sub.option("--timeout", type=duration, default=5.0, help="deadline of each call")
+        if output:
+            sub.option("-o", "--output", choices=("table", "json"), default="table", help="format")
+
+    serve = command("serve", _serve, "run the registry (migrations run at start)")
+    serve.option("--listen", metavar="HOST:PORT", default=defaults.listen, help="serve here")
+    for flag, kind, help in SETTINGS_OPTIONS:
+        serve.option(flag, type=kind, default=getattr(defaults, _dest(flag)), help=help)
+    db_option(serve)
+    serve.option("--log-level", choices=LOG_LEVELS, type=str.lower, default="info", help="")
+
+    db_option(command("migrate", _migrate, "bring a database to the current schema"))
+
+    listing = command("list", _list, "list registered plugins")
+    client_options(listing)
+    listing.option("--source", help="only plugins that ingest this source")
+    listing.option("--type", choices=tuple(TYPES), help="only plugins of this type")
+    listing.option("--status", choices=tuple(STATUSES), action="append", help="repeatable")
+    listing.option("--name", help="only instances of this plugin")
+
+    get = command("get", _get, "show one plugin")
+    get.add_argument("plugin_id", metavar="PLUGIN_ID")
+    client_options(get)
+
+    register = command("register", _register, "register a plugin on its behalf (no lease)")
+    client_options(register, output=False)
+    register.option("--name", required=True, help="plugin name")
+    register.option("--address", required=True, help="host:port, http(s)://host:port, unix:/path")
+    register.option("--source", action="append", exclusive="routes", help="a source; repeatable")
+    register.option("--emitter-name", exclusive="routes", help="the name it emits as")
+    register.required_groups.add("routes")
+    register.option("--type", choices=tuple(TYPES), shown="default from the routes", help="")
+    register.option("--version", default="", help="plugin version")
+    register.option("--description", default="", help="what it does")
+    register.option("--label", metavar="K=V", type=label, action="append", help="repeatable")
+
+    deregister = command("deregister", _deregister, "remove a plugin")
+    deregister.add_argument("plugin_id", metavar="PLUGIN_ID")
+    client_options(deregister, output=False)
+
+    watch = command("watch", _watch, "print changes as they happen, until interrupted")
+    client_options(watch)
+    watch.option("--source", action="append", help="only plugins of this source (repeatable)")
+    return parser
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    try:
+        options = {_dest(flag): getattr(args, _dest(flag)) for flag, _, _ in SETTINGS_OPTIONS}
+        settings = RegistrySettings(listen=args.listen, database_url=_database_url(args), **options)
+    except ValueError as exc:
+        raise CliError(f"invalid setting {exc}") from exc
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from registry.server import RegistryServer  # the server side loads only for serve
+
+    server = RegistryServer(settings)
+
+    async def run() -> None:
+        await server.start()
+        await server.wait_closed()
+
+    try:
+        if await until_signalled(run()):
+            log.info("stopping (grace %ss)", STOP_GRACE)
+    finally:
+        await server.stop(grace=STOP_GRACE)
+
+
+async def _migrate(args: argparse.Namespace) -> None:
+    from registry.migrate import upgrade
+    from registry.store import SqlStore
+
+    store = SqlStore.open(_database_url(args))
+    try:
+        await upgrade(store.engine)
+    finally:
+        await store.close()
+    print(f"database {store.engine.url.render_as_string(hide_password=True)} at revision head")
+
+
+async def _list(args: argparse.Namespace) -> None:
+    async with _client(args) as client:
+        plugins = await client.list_plugins(
+            type=TYPES[args.type] if args.type else 0,
+            source=args.source or "",
+            statuses=[STATUSES[s] for s in args.status or ()],
+            name=args.name or "",
+        )
+    print(render.plugins_json(plugins) if args.output == "json" else render.plugins_table(plugins))
+
+
+async def _get(args: argparse.Namespace) -> None:
+    async with _client(args) as client:
+        plugin = await client.get_plugin(args.plugin_id)
+    print(render.plugin_json(plugin) if args.output == "json" else render.plugin_detail(plugin))
+
+
+async def _register(args: argparse.Namespace) -> None:
+    kind = args.type or ("emitter" if args.emitter_name else "ingestor")
+    info = pb.PluginInfo(
+        name=args.name,
+        version=args.version,
+        type=TYPES[kind],
+        description=args.description,
+        sources=args.source or [],
+        emitter_name=args.emitter_name or "",
+    )
+    async with _client(args) as client:
+        response = await client.register(
+            info, args.address, labels=dict(args.label or ()), no_lease=True
+        )
+    print(response.plugin_id)
+
+
+async def _deregister(args: argparse.Namespace) -> None:
+    async with _client(args) as client:
+        # Unregister is idempotent; an operator who mistypes an id should hear about it.
+        await client.get_plugin(args.plugin_id)
+        await client.unregister(args.plugin_id)
+    print(f"deregistered {args.plugin_id}")
+
+
+async def _watch(args: argparse.Namespace) -> None:
+    await until_signalled(_follow(args))
+
+
+async def _follow(args: argparse.Namespace) -> None:
+    async with _client(args) as client:
+        try:
+            # The first message (the snapshot) must come within --timeout; later ones whenever.
+            async with asyncio.timeout(args.timeout) as first:
+                async for message in client.watch(sources=args.source or ()):
+                    first.reschedule(None)
+                    lines = (
+                        [render.watch_json(message)]
+                        if args.output == "json"
+                        else render.watch_lines(message)
+                    )
+                    for line in lines:
+                        print(line, flush=True)
+        except TimeoutError:
+            raise CliError(
+                f"the registry at {args.registry} sent nothing within "
+                f"{format_duration(args.timeout)}"
+            ) from None
+
+
+# -- plumbing -----------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> RegistryClient:
+    return RegistryClient(args.registry, timeout=args.timeout)
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    from registry.store import normalize_url  # SQLAlchemy loads only for serve and migrate
+
+    url: str = args.db or default_database_url()
+    try:
+        normalize_url(url)
+    except ValueError as exc:
+        raise CliError(f"--db: {exc}") from exc  # not the URL itself: it may hold a password
+    return url
+
+
+async def until_signalled(work: Coroutine[Any, Any, None]) -> bool:
+    """Run ``work`` until it ends or SIGINT/SIGTERM cancels it; True when a signal did.
+
+    Raises:
+        Whatever ``work`` raises, except the cancellation a signal caused.
+    """
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    received: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        task.cancel()
+
+    for sig in _SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not received:
+            raise
+    finally:
+        for sig in _SIGNALS:
+            loop.remove_signal_handler(sig)
+    return bool(received)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the exit status is returned, never raised."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        args.parser.complete(args, os.environ)
+        asyncio.run(args.run(args))
+    except SystemExit as exc:  # argparse: --help, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # the reader left (``| head``): no complaint, not even at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (RegistryError, CliError, OSError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
