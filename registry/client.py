@@ -73,9 +73,16 @@ class _State(enum.Enum):
 class RegistryClient:
     """A connection to one registry. Refuses use after :meth:`close`."""
 
-    def __init__(self, address: str = DEFAULT_REGISTRY, *, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        address: str = DEFAULT_REGISTRY,
+        *,
+        timeout: float = 5.0,
+        channel_options: Iterable[tuple[str, int | str]] = (),
+    ) -> None:
         self.address = address
         self.timeout = timeout
+        self._options = list(channel_options)
         self._state = _State.UNOPENED
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.PluginRegistryStub | None = None
@@ -86,7 +93,7 @@ class RegistryClient:
         if self._state is _State.CLOSED:
             raise RegistryError("the registry client is closed")
         if self._stub is None:
-            self._channel = open_channel(self.address)
+            self._channel = open_channel(self.address, self._options)
             self._stub = pb_grpc.PluginRegistryStub(self._channel)
             self._state = _State.OPEN
         return self._stub

@@ -100,7 +100,8 @@ class FakePlugin:
         )
 
     async def start(self) -> None:
-        server = grpc.aio.server()
+        # No SO_REUSEPORT: a port in use must fail, not be shared with another process.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         servicer = _Servicer(self)
         if self.type is PluginType.INGESTOR:
             pb_grpc.add_IngestorPluginServicer_to_server(servicer, server)

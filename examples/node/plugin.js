@@ -1,0 +1,285 @@
+'use strict';
+// A POLKU ingestor plugin in Node.js: one event per line of the payload.
+//
+//   npm install && node plugin.js --registry 127.0.0.1:50051
+//
+// It loads the contract straight from ../../proto, serves polku.v1.IngestorPlugin,
+// registers with the registry, heartbeats at the interval the registry returns,
+// registers again whenever a heartbeat is not acknowledged (the registry restarted
+// with a fresh database, or the lease lapsed), and on SIGTERM/SIGINT unregisters,
+// lets calls in flight finish, and exits 0.
+//
+// Options (each optional): --registry ADDR (else $POLKU_REGISTRY, else 127.0.0.1:50051),
+// --listen HOST:PORT (127.0.0.1:0), --advertise HOST:PORT (the address to register when
+// it is not the bound one: containers, NAT), --name NAME (node-lines),
+// --source SOURCE (repeatable; node-lines), --lease-ttl SECONDS (0: the registry's).
+// Prints `listening on HOST:PORT` and `registered <id>` on stdout, the rest on stderr.
+
+const crypto = require('node:crypto');
+const os = require('node:os');
+const path = require('node:path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'proto');
+const GRACE_MS = 5000;
+const CALL_TIMEOUT_MS = 5000;
+const BACKOFF_INITIAL_MS = 200;
+const BACKOFF_MAX_MS = 5000;
+
+// google/protobuf/{empty,timestamp}.proto need no include directory: proto-loader's
+// protobufjs bundles the well-known types.
+const definition = protoLoader.loadSync('polku/v1/plugin.proto', {
+  includeDirs: [PROTO_ROOT],
+  keepCase: true, // field names as in the .proto: plugin_id, heartbeat_interval_seconds
+  longs: String,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+});
+const polku = grpc.loadPackageDefinition(definition).polku;
+
+function parseArgs(argv) {
+  const args = { source: [] };
+  for (let i = 0; i < argv.length; i += 2) {
+    const flag = argv[i];
+    const value = argv[i + 1];
+    if (!flag.startsWith('--') || value === undefined) {
+      throw new Error(`usage: node plugin.js [--registry ADDR] [--listen ADDR] [--advertise ADDR] [--name N] [--source S]... [--lease-ttl SECONDS] (at ${flag})`);
+    }
+    const key = flag.slice(2);
+    if (key === 'source') args.source.push(value);
+    else args[key] = value;
+  }
+  return args;
+}
+
+const args = parseArgs(process.argv.slice(2));
+const config = {
+  registry: args.registry || process.env.POLKU_REGISTRY || '127.0.0.1:50051',
+  listen: args.listen || '127.0.0.1:0',
+  advertise: args.advertise || '',
+  leaseTtl: Number(args['lease-ttl'] || 0),
+};
+const INFO = {
+  name: args.name || 'node-lines',
+  version: '1.0.0',
+  type: 'PLUGIN_TYPE_INGESTOR',
+  description: 'Node.js: one event per line',
+  sources: args.source.length ? args.source : ['node-lines'],
+  emitter_name: '',
+  capabilities: [],
+};
+
+function log(message) {
+  console.error(`${new Date().toISOString()} ${message}`);
+}
+
+// -- the plugin --------------------------------------------------------------------------
+
+function ingest(request) {
+  const data = request.data;
+  const now = (BigInt(Date.now()) * 1000000n).toString();
+  const events = [];
+  let start = 0;
+  let number = 0;
+  while (start < data.length) {
+    let end = data.indexOf(0x0a, start);
+    if (end === -1) end = data.length;
+    number += 1;
+    let line = data.subarray(start, end);
+    if (line.length && line[line.length - 1] === 0x0d) line = line.subarray(0, line.length - 1);
+    if (line.length) {
+      events.push({
+        id: crypto.randomUUID(),
+        timestamp_unix_ns: now,
+        source: request.source,
+        event_type: 'line',
+        metadata: { line: String(number), offset: String(start) },
+        payload: line,
+      });
+    }
+    start = end + 1;
+  }
+  return { events, errors: [] };
+}
+
+const server = new grpc.Server();
+server.addService(polku.v1.IngestorPlugin.service, {
+  Info: (call, callback) => callback(null, INFO),
+  Health: (call, callback) => callback(null, { healthy: true, message: '', components: {} }),
+  Ingest: (call, callback) => {
+    try {
+      callback(null, ingest(call.request));
+    } catch (err) {
+      log(`ingest failed: ${err.stack || err}`);
+      callback({ code: grpc.status.INTERNAL, details: `ingest failed: ${err.message}` });
+    }
+  },
+});
+
+// -- the registry ------------------------------------------------------------------------
+
+function newRegistryClient() {
+  const tls = config.registry.startsWith('https://');
+  const target = config.registry.replace(/^https?:\/\//, '');
+  const credentials = tls ? grpc.credentials.createSsl() : grpc.credentials.createInsecure();
+  return new polku.v1.PluginRegistry(target, credentials);
+}
+
+let registry = newRegistryClient();
+
+// A channel that failed to connect waits out gRPC's reconnect backoff; a new one
+// dials at once, so a restarted registry is found on the next attempt.
+function resetRegistryClient() {
+  registry.close();
+  registry = newRegistryClient();
+}
+
+function call(method, request, timeoutMs = CALL_TIMEOUT_MS) {
+  return new Promise((resolve, reject) => {
+    registry[method](request, { deadline: Date.now() + timeoutMs }, (err, response) =>
+      err ? reject(err) : resolve(response),
+    );
+  });
+}
+
+let address = '';
+let pluginId = null;
+let stopping = false;
+let timer = null;
+let wake = null;
+
+function sleep(ms) {
+  return new Promise((resolve) => {
+    wake = resolve;
+    timer = setTimeout(resolve, ms);
+  });
+}
+
+function* backoff() {
+  let delay = BACKOFF_INITIAL_MS;
+  for (;;) {
+    yield delay * (0.5 + Math.random() * 0.5); // jitter: restarted plugins spread out
+    delay = Math.min(BACKOFF_MAX_MS, delay * 2);
+  }
+}
+
+class Refused extends Error {}
+
+// Register, retrying with backoff until accepted. INVALID_ARGUMENT is final.
+async function register() {
+  const delays = backoff();
+  for (let failures = 0; !stopping; failures += 1) {
+    let problem;
+    try {
+      const response = await call('Register', {
+        info: INFO,
+        address,
+        lease_ttl_seconds: config.leaseTtl,
+        labels: {},
+      });
+      if (response.accepted) return response;
+      problem = response.message || 'not accepted';
+    } catch (err) {
+      if (err.code === grpc.status.INVALID_ARGUMENT) throw new Refused(err.details);
+      if (err.code === grpc.status.UNAVAILABLE) resetRegistryClient();
+      problem = err.details || err.message;
+    }
+    if (failures === 0) log(`cannot register with ${config.registry} (${problem}); retrying`);
+    await sleep(delays.next().value);
+  }
+  return null;
+}
+
+// Register, heartbeat until the registry forgets this instance, and again.
+async function keepRegistered() {
+  while (!stopping) {
+    const response = await register();
+    if (!response) return;
+    pluginId = response.plugin_id; // kept even when stopping: shutdown unregisters it
+    if (stopping) return;
+    console.log(`registered ${pluginId}`);
+    const interval = (response.heartbeat_interval_seconds || 10) * 1000;
+    let delay = interval;
+    let delays = backoff();
+    let failing = false;
+    for (;;) {
+      await sleep(delay);
+      if (stopping) return;
+      try {
+        const beat = await call('Heartbeat', { plugin_id: pluginId });
+        if (!beat.acknowledged) {
+          log(`registry no longer knows ${pluginId} (restarted or expired); registering again`);
+          pluginId = null;
+          break;
+        }
+        if (failing) log(`heartbeat of ${pluginId} acknowledged again`);
+        delay = interval;
+        delays = backoff();
+        failing = false;
+      } catch (err) {
+        if (!failing) log(`heartbeat of ${pluginId} failed (${err.details || err.message}); retrying`);
+        if (err.code === grpc.status.UNAVAILABLE) resetRegistryClient();
+        delay = Math.min(interval, delays.next().value);
+        failing = true;
+      }
+    }
+  }
+}
+
+// -- lifecycle ---------------------------------------------------------------------------
+
+let registration = null;
+let shuttingDown = false;
+
+// Unregister first, so the gateway stops routing here, then let calls in flight finish.
+async function shutdown(exitCode) {
+  if (shuttingDown) return;
+  shuttingDown = true;
+  stopping = true;
+  clearTimeout(timer);
+  if (wake) wake();
+  if (registration) await registration.catch(() => {});
+  if (pluginId) {
+    try {
+      await call('Unregister', { plugin_id: pluginId }, 2000);
+      log(`unregistered ${pluginId}`);
+    } catch (err) {
+      log(`cannot unregister ${pluginId} (its lease will lapse): ${err.details || err.message}`);
+    }
+  }
+  registry.close();
+  const force = setTimeout(() => server.forceShutdown(), GRACE_MS);
+  server.tryShutdown(() => {
+    clearTimeout(force);
+    process.exit(exitCode);
+  });
+}
+
+for (const signal of ['SIGTERM', 'SIGINT']) {
+  process.on(signal, () => {
+    log(`${signal}: stopping`);
+    shutdown(0);
+  });
+}
+
+function advertisedAddress(port) {
+  if (config.advertise) return config.advertise;
+  const host = config.listen.slice(0, config.listen.lastIndexOf(':'));
+  const wildcard = ['', '0.0.0.0', '[::]', '::'].includes(host);
+  return `${wildcard ? os.hostname() : host}:${port}`;
+}
+
+server.bindAsync(config.listen, grpc.ServerCredentials.createInsecure(), (err, port) => {
+  if (err) {
+    log(`cannot listen on ${config.listen}: ${err.message}`);
+    process.exit(1);
+  }
+  address = advertisedAddress(port);
+  console.log(`listening on ${address}`);
+  registration = keepRegistered().catch((error) => {
+    log(`registry refused plugin ${INFO.name}: ${error.message}`);
+    shutdown(1);
+  });
+});

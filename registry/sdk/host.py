@@ -1,0 +1,493 @@
+"""PluginHost: serve a plugin and keep it registered for as long as it runs.
+
+    async with PluginHost({"name": "lines", "sources": ["lines"]}, ingest=split) as host:
+        print("registered as", await host.wait_registered())
+        ...  # the rest of the program; leaving the block unregisters and stops
+
+Lifecycle: ``start()`` binds and starts the gRPC server, then a background task
+registers (retrying with backoff and jitter while the registry is unreachable,
+serving meanwhile), heartbeats at the interval the registry returns, and registers
+again whenever a heartbeat is not acknowledged (the registry restarted with a fresh
+database, or the lease lapsed). ``stop(grace)`` unregisters first, so the gateway
+stops routing here, then stops the server, letting calls in flight finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import socket
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from registry.client import DEFAULT_REGISTRY, RegistryClient, dial_target
+from registry.errors import InvalidArgument, RegistryError, RegistryUnavailable
+from registry.sdk.handlers import (
+    EmitFn,
+    EmitterServicer,
+    Handlers,
+    HealthFn,
+    IngestFn,
+    IngestorServicer,
+    ShutdownFn,
+)
+from registry.validation import check_address, registration_from_request
+from registry.wire import pb, pb_grpc
+
+log = logging.getLogger(__name__)
+
+# Heartbeat period when a registry grants no interval (it never should for a lease).
+_FALLBACK_INTERVAL = 10.0
+_WILDCARD_HOSTS = ("", "0.0.0.0", "[::]", "::")
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Delays between attempts to reach the registry: exponential, capped, jittered.
+
+    Attempt ``n`` waits ``min(maximum, initial * multiplier**n)`` scaled by a random
+    factor in ``[1 - jitter, 1]``, so plugins restarted together spread out.
+
+    Raises:
+        ValueError: a field is out of range.
+    """
+
+    initial: float = 0.2
+    maximum: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial <= self.maximum:
+            raise ValueError(f"backoff: need 0 < initial <= maximum, got {self}")
+        if self.multiplier < 1 or not 0 <= self.jitter <= 1:
+            raise ValueError(f"backoff: need multiplier >= 1 and 0 <= jitter <= 1, got {self}")
+
+    def delays(self) -> Iterator[float]:
+        """An endless series of delays, for one run of failures."""
+        delay = self.initial
+        while True:
+            yield delay * random.uniform(1 - self.jitter, 1)
+            delay = min(self.maximum, delay * self.multiplier)
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    STARTED = "started"
+    STOPPED = "stopped"
+
+
+def plugin_info(
+    info: pb.PluginInfo | Mapping[str, Any], plugin_type: pb.PluginType
+) -> pb.PluginInfo:
+    """A copy of ``info`` (a message or its fields) with its type filled in.
+
+    Raises:
+        ValueError: a field is unknown, or the type contradicts the handlers given.
+    """
+    message = pb.PluginInfo()
+    if isinstance(info, pb.PluginInfo):
+        message.CopyFrom(info)
+    else:
+        message = pb.PluginInfo(**info)
+    if message.type == pb.PLUGIN_TYPE_UNSPECIFIED:
+        message.type = plugin_type
+    elif message.type != plugin_type:
+        raise ValueError(
+            f"info.type is {pb.PluginType.Name(message.type)} but the handlers given make "
+            f"an {pb.PluginType.Name(plugin_type)}"
+        )
+    return message
+
+
+def _route_host(registry: str) -> str:
+    """The local address that routes to the registry (a UDP connect sends nothing)."""
+    target, _ = dial_target(registry)
+    host, _, port = target.rpartition(":")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_DGRAM
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.connect(address)
+            local: str = probe.getsockname()[0]
+    except (OSError, ValueError):
+        return socket.gethostname()
+    return f"[{local}]" if ":" in local else local
+
+
+class PluginHost:
+    """One plugin: its gRPC server and its registration, ``start()``/``stop()`` or ``async with``.
+
+    Give ``info`` (a ``pb.PluginInfo`` or its fields; the type is inferred) and either
+    ``ingest`` (an ingestor) or ``emit`` (an emitter), plus optionally ``health`` and
+    ``shutdown`` — as keywords or as methods of ``plugin``; keywords win.
+    ``listen`` may use port 0: the address registered is the one bound, unless
+    ``advertise`` gives the one others must dial (containers, NAT). A wildcard listen
+    host (``0.0.0.0``, ``[::]``) advertises the local address that routes to the registry.
+
+    ``lease_ttl_seconds=0`` takes the registry's default lease. ``grace`` is how long
+    :meth:`stop` lets calls in flight finish. Thread rules: a host belongs to the event
+    loop that starts it; plain (non-async) handlers run in its pool of ``max_workers``
+    threads.
+
+    Raises (on construction, before any I/O):
+        ValueError: no handler, both an ingest and an emit handler, or a bad field.
+        InvalidArgument: the registry would refuse this registration (names the field).
+    """
+
+    def __init__(
+        self,
+        info: pb.PluginInfo | Mapping[str, Any],
+        plugin: object | None = None,
+        *,
+        ingest: IngestFn | None = None,
+        emit: EmitFn | None = None,
+        health: HealthFn | None = None,
+        shutdown: ShutdownFn | None = None,
+        registry: str = DEFAULT_REGISTRY,
+        listen: str = "127.0.0.1:0",
+        advertise: str | None = None,
+        lease_ttl_seconds: int = 0,
+        labels: Mapping[str, str] | None = None,
+        grace: float = 5.0,
+        backoff: Backoff | None = None,
+        max_workers: int | None = None,
+        registry_timeout: float = 5.0,
+        server_options: Iterable[tuple[str, Any]] = (),
+    ) -> None:
+        ingest = ingest or getattr(plugin, "ingest", None)
+        emit = emit or getattr(plugin, "emit", None)
+        if (ingest is None) == (emit is None):
+            raise ValueError("a plugin needs exactly one of ingest (an ingestor) or emit")
+        kind = pb.PLUGIN_TYPE_INGESTOR if ingest is not None else pb.PLUGIN_TYPE_EMITTER
+        self.info = plugin_info(info, kind)
+        self._ingest, self._emit = ingest, emit
+        self._health = health or getattr(plugin, "health", None)
+        self._shutdown = shutdown or getattr(plugin, "shutdown", None)
+        self.registry = registry
+        self.listen = listen
+        self.grace = grace
+        self._advertise = advertise
+        self._lease_ttl = lease_ttl_seconds
+        self._labels = dict(labels or {})
+        self._backoff = backoff or Backoff()
+        self._max_workers = max_workers
+        self._registry_timeout = registry_timeout
+        self._server_options = list(server_options)
+        # The registry's own checks, done here so that a mistake fails at once.
+        registration_from_request(self._request("127.0.0.1:1"), default_ttl=30)
+        if advertise is not None:
+            check_address("advertise", advertise)
+
+        self._state = _State.NEW
+        self._address = ""
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._client: RegistryClient | None = None
+        self._pools: list[ThreadPoolExecutor] = []
+        self._task: asyncio.Task[None] | None = None
+        self._pending: asyncio.Future[pb.RegisterResponse] | None = None
+        self._plugin_id: str | None = None
+        self._failure: InvalidArgument | None = None
+        self._changed = asyncio.Event()
+        self._lock = asyncio.Lock()  # start and stop run one at a time
+
+    @property
+    def address(self) -> str:
+        """The address registered: ``advertise``, or the one bound. Empty before start."""
+        return self._address
+
+    @property
+    def plugin_id(self) -> str | None:
+        """The id the registry knows this instance by now; None while unregistered."""
+        return self._plugin_id
+
+    async def start(self) -> None:
+        """Bind and serve, then register in the background. Idempotent.
+
+        Returns once serving, without waiting for the registry (see :meth:`wait_registered`).
+
+        Raises:
+            RegistryError: ``listen`` cannot be bound, or the host was stopped.
+        """
+        async with self._lock:
+            if self._state is _State.NEW:
+                await self._start()
+            elif self._state is _State.STOPPED:
+                raise RegistryError("the plugin host is stopped; make a new one")
+
+    async def _start(self) -> None:
+        name = self.info.name
+        pool = ThreadPoolExecutor(self._max_workers, thread_name_prefix=f"plugin-{name}")
+        health_pool = ThreadPoolExecutor(1, thread_name_prefix=f"plugin-{name}-health")
+        self._pools = [pool, health_pool]
+        handlers = Handlers(
+            self.info, pool, health_pool, self._ingest, self._emit, self._health, self._shutdown
+        )
+        # Without SO_REUSEPORT a port in use is an error, not a second server sharing it.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *self._server_options])
+        if self._ingest is not None:
+            pb_grpc.add_IngestorPluginServicer_to_server(IngestorServicer(handlers), server)
+        else:
+            pb_grpc.add_EmitterPluginServicer_to_server(EmitterServicer(handlers), server)
+        try:
+            try:
+                self.port = server.add_insecure_port(self.listen)
+            except RuntimeError as exc:
+                raise RegistryError(f"cannot listen on {self.listen}: {exc}") from exc
+            self._address = self._advertise or await self._bound_address()
+            await server.start()
+        except BaseException:
+            await server.stop(None)
+            self._shutdown_pools()
+            raise
+        self._server = server
+        self._state = _State.STARTED
+        self._client = RegistryClient(self.registry, timeout=self._registry_timeout)
+        self._task = asyncio.create_task(self._keep_registered(), name=f"plugin-{name}-registry")
+        log.info("plugin %s listening on %s", name, self._address)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Unregister, then stop serving; calls in flight get ``grace`` seconds to finish.
+
+        ``grace=None`` uses the host's. Idempotent and safe before ``start``; concurrent
+        calls return when the first has finished. A failed Unregister is logged (the
+        lease then lapses on its own). Cancelled while unregistering, it still stops
+        the server and releases its threads before the CancelledError propagates.
+        """
+        async with self._lock:
+            if self._state is _State.STOPPED:
+                return
+            started, self._state = self._state is _State.STARTED, _State.STOPPED
+            self._changed.set()
+            try:
+                if started:
+                    await self._unregister()
+            finally:
+                server, self._server = self._server, None
+                try:
+                    if server is not None:
+                        await server.stop(self.grace if grace is None else grace)
+                finally:
+                    self._shutdown_pools()
+                    if self._client is not None:
+                        await self._client.close()
+
+    async def wait_registered(self) -> str:
+        """Wait until the registry has accepted this instance and return its id.
+
+        Raises:
+            InvalidArgument: the registry refused the registration for good.
+            RegistryError: the host is stopped (or was never started).
+        """
+        while True:
+            self._changed.clear()
+            if self._failure is not None:
+                raise self._failure
+            if self._state is not _State.STARTED:
+                raise RegistryError(f"the plugin host is {self._state.value}, not started")
+            if self._plugin_id is not None:
+                return self._plugin_id
+            await self._changed.wait()
+
+    async def wait(self) -> None:
+        """Wait until the host stops.
+
+        Raises:
+            InvalidArgument: the registry refused the registration for good; the
+                server keeps serving until :meth:`stop`.
+        """
+        while self._state is not _State.STOPPED:
+            if self._failure is not None:
+                raise self._failure
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def __aenter__(self) -> PluginHost:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- registration ------------------------------------------------------------------------
+
+    def _request(self, address: str) -> pb.RegisterRequest:
+        return pb.RegisterRequest(
+            info=self.info, address=address, lease_ttl_seconds=self._lease_ttl, labels=self._labels
+        )
+
+    async def _bound_address(self) -> str:
+        if self.listen.startswith("unix:"):
+            return self.listen
+        host = self.listen.rpartition(":")[0]
+        if host in _WILDCARD_HOSTS:
+            host = await asyncio.to_thread(_route_host, self.registry)
+        return f"{host}:{self.port}"
+
+    def _set_plugin_id(self, plugin_id: str | None) -> None:
+        self._plugin_id = plugin_id
+        self._changed.set()
+
+    async def _keep_registered(self) -> None:
+        """Register, heartbeat until the registry forgets this instance, and again.
+
+        Runs until cancelled (by :meth:`stop`) or until the registry refuses the
+        registration as invalid. Anything else is logged and retried.
+        """
+        while True:
+            try:
+                response = await self._register()
+                self._set_plugin_id(response.plugin_id)
+                log.info(
+                    "plugin %s registered as %s (heartbeat every %ss)",
+                    self.info.name,
+                    response.plugin_id,
+                    response.heartbeat_interval_seconds,
+                )
+                await self._heartbeat(response)
+            except InvalidArgument as exc:
+                log.error("registry refused plugin %s: %s", self.info.name, exc)
+                self._failure = exc
+                self._changed.set()
+                return
+            except Exception:
+                log.exception("keeping plugin %s registered failed; starting over", self.info.name)
+                await asyncio.sleep(self._backoff.maximum)
+            self._set_plugin_id(None)
+
+    async def _register(self) -> pb.RegisterResponse:
+        """Register, retrying with backoff until accepted.
+
+        Raises:
+            InvalidArgument: the registry refused a field (retrying cannot help).
+        """
+        delays = self._backoff.delays()
+        failures = 0
+        while True:
+            try:
+                response = await self._register_once()
+                if response.accepted:
+                    return response
+                problem: str | BaseException = response.message or "not accepted"
+            except InvalidArgument:
+                raise
+            except RegistryError as exc:
+                # Including AlreadyExists: it ends when the owner of the source goes.
+                problem = exc
+                await self._reset_client(exc)
+            except Exception as exc:
+                log.exception("registering plugin %s failed unexpectedly", self.info.name)
+                problem = exc
+            failures += 1
+            delay = next(delays)
+            level = logging.WARNING if failures == 1 else logging.DEBUG
+            log.log(
+                level,
+                "cannot register plugin %s with %s (%s); retrying in %.1fs",
+                self.info.name,
+                self.registry,
+                problem,
+                delay,
+            )
+            await asyncio.sleep(delay)
+
+    async def _register_once(self) -> pb.RegisterResponse:
+        """One Register, shielded so that :meth:`stop` can still learn (and remove) the id."""
+        assert self._client is not None
+        pending = asyncio.ensure_future(
+            self._client.register(
+                self.info, self._address, lease_ttl_seconds=self._lease_ttl, labels=self._labels
+            )
+        )
+        self._pending = pending
+        try:
+            response = await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            raise  # stop() waits for the call and removes what it registered
+        except BaseException:
+            self._pending = None
+            raise
+        self._pending = None
+        return response
+
+    async def _heartbeat(self, registration: pb.RegisterResponse) -> None:
+        """Heartbeat at the granted interval; return when the registry no longer knows us."""
+        assert self._client is not None
+        interval = float(registration.heartbeat_interval_seconds) or _FALLBACK_INTERVAL
+        plugin_id = registration.plugin_id
+        delay, delays, failures = interval, self._backoff.delays(), 0
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                acknowledged = await self._client.heartbeat(plugin_id)
+            except Exception as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning("heartbeat of %s failed (%s); retrying", plugin_id, exc)
+                await self._reset_client(exc)
+                delay = min(interval, next(delays))
+                continue
+            if not acknowledged:
+                log.warning(
+                    "registry no longer knows %s (restarted, replaced or expired); registering",
+                    plugin_id,
+                )
+                return
+            if failures:
+                log.info("heartbeat of %s acknowledged again", plugin_id)
+            delay, delays, failures = interval, self._backoff.delays(), 0
+
+    async def _reset_client(self, exc: BaseException) -> None:
+        """Start from a new channel after an unreachable registry.
+
+        A channel that failed to connect waits out gRPC's own reconnect backoff (up to
+        two minutes); a new one dials at once, so a restarted registry is found on the
+        next attempt.
+        """
+        if not isinstance(exc, RegistryUnavailable) or self._client is None:
+            return
+        old = self._client
+        self._client = RegistryClient(self.registry, timeout=self._registry_timeout)
+        await old.close()
+
+    async def _unregister(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        ids = [self._plugin_id] if self._plugin_id else []
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            # A Register still in flight may yet succeed: its id must go too.
+            await asyncio.wait([pending])
+            if not pending.cancelled() and pending.exception() is None:
+                ids.append(pending.result().plugin_id)
+        self._set_plugin_id(None)
+        assert self._client is not None
+        for plugin_id in dict.fromkeys(ids):
+            try:
+                await self._client.unregister(plugin_id)
+            except RegistryError as exc:
+                log.warning("cannot unregister %s (its lease will lapse): %s", plugin_id, exc)
+            else:
+                log.info("plugin %s unregistered %s", self.info.name, plugin_id)
+
+    def _shutdown_pools(self) -> None:
+        pools, self._pools = self._pools, []
+        for pool in pools:
+            # A handler still running in a thread after the grace is abandoned, not joined.
+            pool.shutdown(wait=False, cancel_futures=True)

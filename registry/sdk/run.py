@@ -1,0 +1,99 @@
+"""run_plugin: a plugin's whole ``main``, from serving to unregistering on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+from registry.client import DEFAULT_REGISTRY
+from registry.sdk.handlers import EmitFn, HealthFn, IngestFn, ShutdownFn
+from registry.sdk.host import PluginHost
+from registry.wire import pb
+
+REGISTRY_ENV = "POLKU_REGISTRY"
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def run_plugin(
+    info: pb.PluginInfo | Mapping[str, Any],
+    plugin: object | None = None,
+    *,
+    ingest: IngestFn | None = None,
+    emit: EmitFn | None = None,
+    health: HealthFn | None = None,
+    shutdown: ShutdownFn | None = None,
+    registry: str | None = None,
+    listen: str = "127.0.0.1:0",
+    advertise: str | None = None,
+    lease_ttl_seconds: int = 0,
+    labels: Mapping[str, str] | None = None,
+    grace: float = 5.0,
+    **options: Any,
+) -> None:
+    """Serve a plugin and keep it registered until SIGTERM or SIGINT; blocks until then.
+
+    The arguments are :class:`PluginHost`'s (``options`` takes the rest of them);
+    ``registry=None`` reads ``POLKU_REGISTRY``, else ``127.0.0.1:50051``. On the
+    first signal the plugin unregisters, then stops serving, letting calls in flight
+    finish within ``grace`` seconds; a second signal acts as it would by default.
+    Call it from the main thread of a program that has no event loop running.
+
+    Raises:
+        ValueError, InvalidArgument: at once, for what the registry would refuse.
+        RegistryError: ``listen`` cannot be bound.
+        InvalidArgument: later, if the registry refuses the registration for good.
+    """
+    host = PluginHost(
+        info,
+        plugin,
+        ingest=ingest,
+        emit=emit,
+        health=health,
+        shutdown=shutdown,
+        registry=registry or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY,
+        listen=listen,
+        advertise=advertise,
+        lease_ttl_seconds=lease_ttl_seconds,
+        labels=labels,
+        grace=grace,
+        **options,
+    )
+    asyncio.run(serve_until_signalled(host))
+
+
+async def serve_until_signalled(host: PluginHost) -> None:
+    """Run ``host`` until SIGTERM or SIGINT, then stop it (unregister, then drain).
+
+    Raises:
+        InvalidArgument: the registry refused the registration for good.
+    """
+    loop = asyncio.get_running_loop()
+    signalled = asyncio.Event()
+
+    def on_signal(signum: signal.Signals) -> None:
+        for sig in _SIGNALS:  # a second signal is not ours to soften
+            loop.remove_signal_handler(sig)
+        signalled.set()
+
+    for sig in _SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        async with host:
+            waiters = [
+                asyncio.create_task(signalled.wait(), name="plugin-signal"),
+                asyncio.create_task(host.wait(), name="plugin-host"),
+            ]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+                await asyncio.wait(waiters)
+            if not waiters[1].cancelled():
+                waiters[1].result()  # the registry's refusal; leaving the block stops the host
+    finally:
+        for sig in _SIGNALS:
+            loop.remove_signal_handler(sig)
