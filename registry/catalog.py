@@ -2,8 +2,10 @@
 
 Synchronous and free of I/O: each method checks, applies and returns the
 :class:`~registry.model.Change` it made, or raises before touching anything.
-Reads (list, get, resolve) are served from here and never wait on the database.
-The caller (:mod:`registry.state`) makes every change durable before answering.
+:mod:`registry.state` keeps two: the write side, where the rules are checked and
+changes are applied at once, and the committed view that reads (list, get,
+resolve, watch snapshots) are served from, which :meth:`Catalog.apply` advances
+as changes become durable.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ class Catalog:
                 that has a live instance.
         """
         self._check_ownership(registration)
-        replaced = self._by_instance.get((registration.name, registration.address))
+        replaced_id = self._by_instance.get((registration.name, registration.address))
+        replaced = self._by_id[replaced_id] if replaced_id is not None else None
         plugin = Plugin(
             plugin_id=new_ulid(),
             registration=registration,
@@ -90,7 +93,7 @@ class Catalog:
             status_since=now,
         )
         if replaced is not None:
-            self._unindex(self._by_id[replaced])
+            self._unindex(replaced)
         self._index(plugin)
         return plugin, self._bump(upserted=(plugin,), removed=(replaced,) if replaced else ())
 
@@ -102,20 +105,24 @@ class Catalog:
         plugin = self._by_id.get(plugin_id)
         if plugin is None or not plugin.live:
             return None
-        return self.refresh(dataclasses.replace(plugin, last_heartbeat_at=now))
+        return self.touch(plugin_id, last_heartbeat_at=now)
 
-    def refresh(self, plugin: Plugin) -> Plugin:
-        """Keep a new state of a plugin that no watcher needs to hear of (no revision)."""
-        self._by_id[plugin.plugin_id] = plugin
-        return plugin
+    def touch(self, plugin_id: str, **fields: object) -> Plugin | None:
+        """Change fields no watcher needs to hear of (times, last error): no revision."""
+        plugin = self._by_id.get(plugin_id)
+        if plugin is None:
+            return None
+        touched = dataclasses.replace(plugin, **fields)  # type: ignore[arg-type]
+        self._by_id[plugin_id] = touched
+        return touched
 
     def remove(self, plugin_ids: Iterable[str]) -> Change | None:
         """Remove plugins by id; unknown ids are ignored (removal is idempotent)."""
-        removed = tuple(i for i in dict.fromkeys(plugin_ids) if i in self._by_id)
+        removed = tuple(self._by_id[i] for i in dict.fromkeys(plugin_ids) if i in self._by_id)
         if not removed:
             return None
-        for plugin_id in removed:
-            self._unindex(self._by_id[plugin_id])
+        for plugin in removed:
+            self._unindex(plugin)
         return self._bump(removed=removed)
 
     def update(self, plugins: Iterable[Plugin], now: datetime) -> Change | None:
@@ -136,9 +143,20 @@ class Catalog:
             self._by_id[plugin.plugin_id] = plugin
         return self._bump(upserted=updated)
 
+    def apply(self, change: Change) -> None:
+        """Replay a change made elsewhere (on the write side), without checking rules."""
+        for plugin in change.removed:
+            if plugin.plugin_id in self._by_id:
+                self._unindex(self._by_id[plugin.plugin_id])
+        for plugin in change.upserted:
+            if plugin.plugin_id in self._by_id:
+                self._unindex(self._by_id[plugin.plugin_id])
+            self._index(plugin)
+        self.revision = change.revision
+
     # -- internals -----------------------------------------------------------
 
-    def _bump(self, upserted: tuple[Plugin, ...] = (), removed: tuple[str, ...] = ()) -> Change:
+    def _bump(self, upserted: tuple[Plugin, ...] = (), removed: tuple[Plugin, ...] = ()) -> Change:
         self.revision += 1
         return Change(self.revision, upserted, removed)
 

@@ -83,8 +83,8 @@ class MessageCache:
 
     def forget(self, changes: list[Change]) -> None:
         for change in changes:
-            for plugin_id in change.removed:
-                self._messages.pop(plugin_id, None)
+            for plugin in change.removed:
+                self._messages.pop(plugin.plugin_id, None)
 
     def clear(self) -> None:
         self._messages.clear()

@@ -19,6 +19,8 @@ from registry.store import Batch, Store
 
 log = logging.getLogger(__name__)
 
+STOP_TIMEOUT = 10.0  # seconds a stopping journal waits for a database that does not answer
+
 
 class Journal:
     """The single writer between the catalog and the store."""
@@ -42,28 +44,35 @@ class Journal:
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="registry-journal")
 
     async def stop(self) -> None:
-        """Write what is staged, then stop the writer. Safe before start and twice."""
+        """Finish the write in flight and write what is staged, then stop.
+
+        A write is never cancelled halfway: what a reader saw stays stored. Gives up
+        (cancelling) after ``STOP_TIMEOUT`` seconds of a database that does not answer.
+        Safe before start and twice.
+        """
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        with contextlib.suppress(StoreError):
-            await self._write_staged()
+        self._stopping = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(task, STOP_TIMEOUT)
+        except TimeoutError:
+            log.error("registry journal did not finish its last write in %ss", STOP_TIMEOUT)
 
     def record(self, change: Change) -> None:
         """Stage a change; :meth:`commit` makes it durable."""
         for plugin in change.upserted:
             self._batch.upsert(plugin)
-        for plugin_id in change.removed:
-            self._batch.remove(plugin_id)
+        for plugin in change.removed:
+            self._batch.remove(plugin.plugin_id)
         self._batch.revision = change.revision
         self._batch.changes.append(change)
 
@@ -99,6 +108,8 @@ class Journal:
                 await self._on_failed(exc)
             except Exception:  # keep the writer alive whatever happens
                 log.exception("registry journal failed")
+            if self._stopping:
+                return
 
     def reset(self, revision: int) -> None:
         """Continue from ``revision`` after the owner reloaded the catalog."""

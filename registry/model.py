@@ -85,8 +85,16 @@ class Plugin:
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One revision of the registry: plugins added or changed, and ids removed."""
+    """One revision of the registry: plugins added or changed, and plugins removed.
+
+    ``removed`` holds the removed plugins' last states, so that a filtered watcher
+    can tell whether a removal concerns it.
+    """
 
     revision: int
     upserted: tuple[Plugin, ...] = ()
-    removed: tuple[str, ...] = ()
+    removed: tuple[Plugin, ...] = ()
+
+    @property
+    def removed_ids(self) -> list[str]:
+        return [p.plugin_id for p in self.removed]

@@ -117,8 +117,8 @@ class HealthChecker:
 
     def _on_changes(self, changes: list[Change]) -> None:
         for change in changes:
-            for plugin_id in change.removed:
-                self._forget(plugin_id)
+            for plugin in change.removed:
+                self._forget(plugin.plugin_id)
             for plugin in change.upserted:
                 if plugin.plugin_id not in self._streaks:
                     self._streaks[plugin.plugin_id] = _Streak()
@@ -205,11 +205,13 @@ class HealthChecker:
                 status = PluginStatus.UNHEALTHY
             if status is PluginStatus.UNHEALTHY:
                 streak.suspect = False
-        checked = dataclasses.replace(plugin, last_check_at=self._state.clock(), last_error=error)
+        now = self._state.clock()
         if status is plugin.status:
-            self._state.refresh(checked)
+            self._state.touch(plugin_id, last_check_at=now, last_error=error)
         else:
-            self._pending[plugin_id] = dataclasses.replace(checked, status=status)
+            self._pending[plugin_id] = dataclasses.replace(
+                plugin, status=status, last_check_at=now, last_error=error
+            )
             self._flush_wake.set()
 
     async def _flush_loop(self) -> None:

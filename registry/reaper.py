@@ -3,7 +3,8 @@
 A leased plugin whose last heartbeat is older than its TTL becomes EXPIRED. The
 registry's own start counts as a heartbeat, so after a restart every lease gets one
 full TTL of grace. Plugins UNHEALTHY or EXPIRED for longer than
-``deregister_after`` seconds are removed (0 keeps them).
+``deregister_after`` seconds are removed (0 keeps them); that clock too starts
+again at a restart.
 """
 
 from __future__ import annotations
@@ -75,11 +76,14 @@ class LeaseReaper:
         if not self._deregister_after:
             return
         now = state.clock()
+        # As with leases, the registry's start resets the clock: a plugin that was
+        # dead before a restart gets re-checked before it can be removed.
         doomed = [
             p.plugin_id
             for p in state.catalog
             if p.status in _DEAD
-            and (now - (p.status_since or p.registered_at)).total_seconds() > self._deregister_after
+            and (now - max(p.status_since or p.registered_at, state.started_at)).total_seconds()
+            > self._deregister_after
         ]
         if doomed:
             log.info("removing %d plugins dead for over %ss", len(doomed), self._deregister_after)

@@ -141,7 +141,7 @@ class RegistryServer:
         self._checker.start()
         self._reaper.start()
         self._tasks.append(asyncio.create_task(self._watch_database(), name="registry-db-health"))
-        log.info("registry serving on %s (revision %d)", self.address, state.catalog.revision)
+        log.info("registry serving on %s (revision %d)", self.address, state.view.revision)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop serving, letting calls in flight finish within ``grace`` seconds.

@@ -18,7 +18,6 @@ from google.protobuf.empty_pb2 import Empty
 
 from registry import convert
 from registry.errors import AlreadyExists, InvalidArgument, NotFound, RegistryUnavailable
-from registry.model import Plugin
 from registry.settings import RegistrySettings
 from registry.state import RegistryState
 from registry.validation import (
@@ -35,6 +34,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 10_000
+# A page also ends before this many bytes, so it fits a client's default 4 MiB limit.
+PAGE_BYTES = 3 * 1024 * 1024
 _TOKEN_PREFIX = b"after:"
 
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
@@ -140,26 +141,29 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         self, request: pb.ListPluginsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListPluginsResponse:
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        matching = self._state.catalog.select(
+        matching = self._state.view.select(
             type=plugin_type_filter(request.type),
             source=request.source,
             statuses=status_filter(request.statuses),
             name=request.name,
             after=_after(request.page_token),
         )
-        page: list[Plugin] = []
+        page: list[pb.RegisteredPlugin] = []
+        budget = PAGE_BYTES
+        last = ""
         for plugin in matching:
-            if len(page) == size:
-                # One more exists: hand out a token for the rest.
-                return self._page(page, page_token(page[-1].plugin_id))
-            page.append(plugin)
+            message = self._messages.get(plugin)
+            budget -= message.ByteSize() + 8
+            if len(page) == size or (page and budget < 0):
+                # More exists: hand out a token for the rest.
+                return self._page(page, page_token(last))
+            page.append(message)
+            last = plugin.plugin_id
         return self._page(page, "")
 
-    def _page(self, plugins: list[Plugin], token: str) -> pb.ListPluginsResponse:
+    def _page(self, plugins: list[pb.RegisteredPlugin], token: str) -> pb.ListPluginsResponse:
         return pb.ListPluginsResponse(
-            plugins=[self._messages.get(p) for p in plugins],
-            revision=self._state.catalog.revision,
-            next_page_token=token,
+            plugins=plugins, revision=self._state.view.revision, next_page_token=token
         )
 
     @_status_mapped
@@ -167,7 +171,7 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         self, request: pb.GetPluginRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisteredPlugin:
         plugin_id = check_plugin_id("plugin_id", request.plugin_id, self._settings.limits)
-        plugin = self._state.catalog.get(plugin_id)
+        plugin = self._state.view.get(plugin_id)
         if plugin is None:
             raise NotFound(f"plugin_id: no plugin {plugin_id!r} is registered")
         return self._messages.get(plugin)
@@ -178,14 +182,14 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
     ) -> pb.ResolveResponse:
         target = request.WhichOneof("target")
         if target == "source" and request.source:
-            plugins = self._state.catalog.by_source(request.source)
+            plugins = self._state.view.by_source(request.source)
         elif target == "emitter_name" and request.emitter_name:
-            plugins = self._state.catalog.by_emitter(request.emitter_name)
+            plugins = self._state.view.by_emitter(request.emitter_name)
         else:
             raise InvalidArgument("target", "set source or emitter_name")
         return pb.ResolveResponse(
             endpoints=[convert.endpoint(p) for p in plugins if p.routable],
-            revision=self._state.catalog.revision,
+            revision=self._state.view.revision,
         )
 
     async def Watch(

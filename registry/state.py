@@ -1,10 +1,12 @@
-"""The registry's authoritative state: the in-memory catalog, made durable by the journal.
+"""The registry's authoritative state: two in-memory catalogs and the journal.
 
-Every write checks and applies its change to the catalog at once (one event loop,
-no await in between, so the rules hold without locks), then waits for the group
-commit that holds it. Reads come from the catalog alone. If a commit fails, the
-catalog is reloaded from the database, which stays the source of truth, and
-writes answer "unavailable" until it is.
+Every write checks and applies its change to ``catalog`` (the write side) at once
+(one event loop, no await in between, so the rules hold without locks), then waits
+for the group commit that holds it. Once committed, the change is applied to
+``view`` and published to listeners. Reads (list, get, resolve, watch) come from
+``view``: nobody ever sees a revision that a crash could take back. If a commit
+fails, both are reloaded from the database, which stays the source of truth, and
+writes answer "unavailable" until they are.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class RegistryState:
         self.store = store
         self.clock = clock
         self.catalog = Catalog()
+        self.view = Catalog()
         self.started_at = clock()
         self._flush_interval = flush_interval
         self._retain = retain
@@ -61,6 +64,7 @@ class RegistryState:
         """
         snapshot = await self.store.load()
         self.catalog = Catalog(snapshot.plugins, snapshot.revision)
+        self.view = Catalog(snapshot.plugins, snapshot.revision)
         self.history = snapshot.changes
         self.started_at = self.clock()
         self._journal = Journal(
@@ -112,9 +116,10 @@ class RegistryState:
 
     def heartbeat(self, plugin_id: str) -> Plugin | None:
         """Renew a lease in memory; persisted lazily. None when not acknowledged."""
-        plugin = self.catalog.heartbeat(plugin_id, self.clock())
-        if plugin is not None and self._journal is not None:
-            self._journal.touch(plugin)
+        now = self.clock()
+        plugin = self.catalog.heartbeat(plugin_id, now)
+        if plugin is not None:
+            self._touched(plugin, last_heartbeat_at=now)
         return plugin
 
     async def remove(self, plugin_ids: list[str]) -> None:
@@ -129,9 +134,15 @@ class RegistryState:
             journal.record(change)
         await journal.commit()
 
-    def refresh(self, plugin: Plugin) -> None:
-        """Keep a state no watcher needs (last check time); persisted lazily."""
-        self.catalog.refresh(plugin)
+    def touch(self, plugin_id: str, **fields: object) -> None:
+        """Change fields no watcher needs (last check, last error); persisted lazily."""
+        plugin = self.catalog.touch(plugin_id, **fields)
+        if plugin is not None:
+            self._touched(plugin, **fields)
+
+    def _touched(self, plugin: Plugin, **fields: object) -> None:
+        # The view gets the same fields on its own (committed) state of the plugin.
+        self.view.touch(plugin.plugin_id, **fields)
         if self._journal is not None:
             self._journal.touch(plugin)
 
@@ -157,6 +168,8 @@ class RegistryState:
         return self._journal
 
     def _publish(self, changes: list[Change]) -> None:
+        for change in changes:
+            self.view.apply(change)
         for listener in self._listeners:
             try:
                 listener(changes)
@@ -179,6 +192,7 @@ class RegistryState:
                 delay = min(delay * 2, 5.0)
                 continue
             self.catalog = Catalog(snapshot.plugins, snapshot.revision)
+            self.view = Catalog(snapshot.plugins, snapshot.revision)
             if self._journal is not None:
                 self._journal.reset(snapshot.revision)
             for on_reset in self._reset_listeners:

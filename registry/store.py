@@ -13,7 +13,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import delete, event, insert, select, text, update
+from sqlalchemy import bindparam, delete, event, insert, select, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -23,6 +24,18 @@ from registry.model import Change, Plugin, PluginStatus, PluginType, Registratio
 from registry.tables import ChangeRow, PluginRow, RegistryMetaRow
 
 _CHUNK = 500  # ids per IN (...) clause; SQLite caps bound parameters
+
+# Built once: SQLAlchemy caches their compiled form.
+_DELETE_PLUGINS = delete(PluginRow).where(PluginRow.plugin_id.in_(bindparam("ids", expanding=True)))
+_TRIM_CHANGES = delete(ChangeRow).where(ChangeRow.revision <= bindparam("oldest"))
+
+
+def _upsert(dialect: str, table: Any, key: str) -> Any:
+    """INSERT ... ON CONFLICT (key) DO UPDATE: a new row or a new state, one statement."""
+    module = sqlite if dialect == "sqlite" else postgresql
+    statement = module.insert(table)
+    changed = {c.name: statement.excluded[c.name] for c in table.columns if c.name != key}
+    return statement.on_conflict_do_update(index_elements=[key], set_=changed)
 
 
 def normalize_url(url: str) -> str:
@@ -91,6 +104,8 @@ class SqlStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self._upsert_plugins = _upsert(engine.dialect.name, PluginRow.__table__, "plugin_id")
+        self._upsert_meta = _upsert(engine.dialect.name, RegistryMetaRow.__table__, "id")
 
     @classmethod
     def open(cls, url: str) -> SqlStore:
@@ -134,7 +149,7 @@ class SqlStore:
             Change(
                 revision=row.revision,
                 upserted=tuple(_plugin_from_row(_from_json(p)) for p in row.upserted),
-                removed=tuple(row.removed),
+                removed=tuple(_plugin_from_row(_from_json(p)) for p in row.removed),
             )
             for row in history
         ]
@@ -146,35 +161,25 @@ class SqlStore:
         Raises:
             StoreError: the database failed; nothing of the batch was written.
         """
-        gone = sorted(batch.removals | batch.upserts.keys())
         try:
             async with self.engine.begin() as conn:
-                for chunk in _chunks(gone):
-                    await conn.execute(delete(PluginRow).where(PluginRow.plugin_id.in_(chunk)))
+                for chunk in _chunks(sorted(batch.removals)):
+                    await conn.execute(_DELETE_PLUGINS, {"ids": list(chunk)})
                 if batch.upserts:
                     rows = [_row_from_plugin(p) for p in batch.upserts.values()]
-                    await conn.execute(insert(PluginRow), rows)
-                updated = await conn.execute(
-                    update(RegistryMetaRow)
-                    .where(RegistryMetaRow.id == 1)
-                    .values(revision=batch.revision)
-                )
+                    await conn.execute(self._upsert_plugins, rows)
                 if batch.changes:
                     entries = [
                         {
                             "revision": c.revision,
                             "upserted": [_to_json(_row_from_plugin(p)) for p in c.upserted],
-                            "removed": list(c.removed),
+                            "removed": [_to_json(_row_from_plugin(p)) for p in c.removed],
                         }
                         for c in batch.changes
                     ]
                     await conn.execute(insert(ChangeRow), entries)
-                    oldest = batch.revision - batch.retain
-                    await conn.execute(delete(ChangeRow).where(ChangeRow.revision <= oldest))
-                if updated.rowcount == 0:
-                    await conn.execute(
-                        insert(RegistryMetaRow).values(id=1, revision=batch.revision)
-                    )
+                    await conn.execute(_TRIM_CHANGES, {"oldest": batch.revision - batch.retain})
+                await conn.execute(self._upsert_meta, {"id": 1, "revision": batch.revision})
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"cannot write to the registry database: {exc}") from exc
 

@@ -77,9 +77,9 @@ class ChangeRow(Base):
     __tablename__ = "changes"
 
     revision: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    # Plugin states as JSON objects (see registry.store) and removed ids.
+    # Plugin states as JSON objects (see registry.store): new ones, and removed ones.
     upserted: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
-    removed: Mapped[list[str]] = mapped_column(JSON)
+    removed: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
 
 
 class RegistryMetaRow(Base):

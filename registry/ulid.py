@@ -7,6 +7,8 @@ import re
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32
+# Every 10-bit value as its two characters: 13 lookups make an id.
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]
 ULID_PATTERN = re.compile(r"^[0-7][0-9A-HJKMNP-TV-Z]{25}$")
 
 
@@ -14,8 +16,4 @@ def new_ulid(now_ms: int | None = None) -> str:
     """A fresh ULID as its 26-character Crockford base32 text."""
     ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
     value = (ms & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10), "big")
-    chars = []
-    for _ in range(26):
-        chars.append(_ALPHABET[value & 0x1F])
-        value >>= 5
-    return "".join(reversed(chars))
+    return "".join([_PAIRS[(value >> shift) & 0x3FF] for shift in range(120, -10, -10)])

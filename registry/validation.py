@@ -101,7 +101,7 @@ def check_address(field: str, address: str, limits: Limits = DEFAULT_LIMITS) -> 
         raise InvalidArgument(
             field, f"{address!r} must be host:port, [v6]:port, http(s)://host:port or unix:/path"
         )
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise InvalidArgument(field, f"{address!r}: the port must be a number from 1 to 65535")
     if host.startswith("["):
         try:

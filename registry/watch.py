@@ -4,7 +4,9 @@ Each watcher has a bounded backlog of changes. A watcher is never cancelled for
 being slow: when its backlog overflows, or it asks to resume from a revision the
 retained log no longer holds, it is sent a fresh snapshot instead ("replace your
 cache"). Memory therefore stays bounded whatever a client does. An idle stream
-gets a progress message (the current revision, no changes) every interval.
+gets a progress message (the current revision, no changes) every interval. A
+revision too large for one message (a big snapshot) comes as several messages of
+the same revision; only the first has ``snapshot`` set.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from registry.wire import pb
 
 log = logging.getLogger(__name__)
 
+MESSAGE_BUDGET = 1024 * 1024  # bytes of plugins per Watch message
+
 
 class Watcher:
     """One Watch stream's position, filter and pending changes."""
@@ -33,8 +37,6 @@ class Watcher:
         self.backlog: deque[Change] = deque()
         self.max_backlog = max_backlog
         self.needs_snapshot = False
-        # Ids this stream has been told of; None after a resume (then removals pass unfiltered).
-        self.known: set[str] | None = None
         self.wake = asyncio.Event()
 
     def matches(self, plugin: Plugin) -> bool:
@@ -51,23 +53,30 @@ class Watcher:
             self.backlog.append(change)
         self.wake.set()
 
-    def delta(self, change: Change, messages: convert.MessageCache) -> pb.WatchResponse | None:
-        """The message for one change, filtered; None when nothing in it concerns us."""
-        if change.revision <= self.revision:
-            return None
-        self.revision = change.revision
-        upserted = [p for p in change.upserted if self.matches(p)]
-        removed = [i for i in change.removed if self.known is None or i in self.known]
-        if self.known is not None:
-            self.known.difference_update(removed)
-            self.known.update(p.plugin_id for p in upserted)
-        if not upserted and not removed:
-            return None
-        return pb.WatchResponse(
-            revision=change.revision,
-            upserted=[messages.get(p) for p in upserted],
-            removed_plugin_ids=removed,
-        )
+
+def split(
+    revision: int,
+    upserted: list[pb.RegisteredPlugin],
+    removed: list[str],
+    *,
+    snapshot: bool = False,
+) -> list[pb.WatchResponse]:
+    """One revision as messages of at most ~MESSAGE_BUDGET bytes each.
+
+    Large snapshots or changes would exceed a client's receive limit (4 MiB by
+    default) in one message: they come as several messages of the same revision,
+    the first carrying ``snapshot`` and the removals.
+    """
+    messages = [pb.WatchResponse(revision=revision, snapshot=snapshot, removed_plugin_ids=removed)]
+    size = messages[0].ByteSize()
+    for plugin in upserted:
+        plugin_size = plugin.ByteSize() + 8
+        if size + plugin_size > MESSAGE_BUDGET and len(messages[-1].upserted):
+            messages.append(pb.WatchResponse(revision=revision))
+            size = 0
+        messages[-1].upserted.append(plugin)
+        size += plugin_size
+    return messages
 
 
 class WatchHub:
@@ -85,7 +94,6 @@ class WatchHub:
         self._state = state
         self._messages = messages
         self._log: deque[Change] = deque(state.history, maxlen=retain)
-        self._published = state.catalog.revision
         self._max_backlog = max_backlog
         self._progress_interval = progress_interval
         self._watchers: set[Watcher] = set()
@@ -113,22 +121,24 @@ class WatchHub:
                 # stream is live without waiting for the first progress interval.
                 yield pb.WatchResponse(revision=watcher.revision)
             while not self._closed:
-                message = self._next(watcher)
-                if message is not None:
-                    yield message
+                messages = self._next(watcher)
+                if messages:
+                    for message in messages:
+                        yield message
                     continue
                 watcher.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(watcher.wake.wait(), self._progress_interval)
                     continue
-                yield pb.WatchResponse(revision=max(watcher.revision, self._published))
+                yield pb.WatchResponse(revision=max(watcher.revision, self._state.view.revision))
         finally:
             self._watchers.discard(watcher)
 
     def _subscribe(self, since: int, sources: frozenset[str]) -> Watcher:
         watcher = Watcher(sources, since, self._max_backlog)
-        oldest = self._log[0].revision if self._log else self._published + 1
-        if 0 < since <= self._published and since >= oldest - 1:
+        published = self._state.view.revision
+        oldest = self._log[0].revision if self._log else published + 1
+        if 0 < since <= published and since >= oldest - 1:
             watcher.backlog.extend(c for c in self._log if c.revision > since)
             if len(watcher.backlog) > self._max_backlog:
                 watcher.backlog.clear()
@@ -138,41 +148,36 @@ class WatchHub:
         self._watchers.add(watcher)
         return watcher
 
-    def _next(self, watcher: Watcher) -> pb.WatchResponse | None:
+    def _next(self, watcher: Watcher) -> list[pb.WatchResponse]:
         if watcher.needs_snapshot:
             watcher.needs_snapshot = False
             watcher.backlog.clear()
-            return self._snapshot(watcher)
+            # The committed view: exactly the state at its revision, nothing a crash
+            # could take back; later changes arrive as deltas.
+            view = self._state.view
+            watcher.revision = view.revision
+            plugins = [self._messages.get(p) for p in view if watcher.matches(p)]
+            return split(view.revision, plugins, [], snapshot=True)
         while watcher.backlog:
-            message = watcher.delta(watcher.backlog.popleft(), self._messages)
-            if message is not None:
-                return message
-        return None
-
-    def _snapshot(self, watcher: Watcher) -> pb.WatchResponse:
-        catalog = self._state.catalog
-        plugins = [p for p in catalog if watcher.matches(p)]
-        # The catalog may hold changes still being committed: they are in this
-        # snapshot, and skipped when they are published (revision <= watcher's).
-        watcher.revision = catalog.revision
-        watcher.known = {p.plugin_id for p in plugins}
-        return pb.WatchResponse(
-            revision=catalog.revision,
-            snapshot=True,
-            upserted=[self._messages.get(p) for p in plugins],
-        )
+            change = watcher.backlog.popleft()
+            if change.revision <= watcher.revision:
+                continue
+            watcher.revision = change.revision
+            upserted = [self._messages.get(p) for p in change.upserted if watcher.matches(p)]
+            removed = [p.plugin_id for p in change.removed if watcher.matches(p)]
+            if upserted or removed:
+                return split(change.revision, upserted, removed)
+        return []
 
     def _on_changes(self, changes: list[Change]) -> None:
         for change in changes:
             self._log.append(change)
-            self._published = change.revision
             for watcher in self._watchers:
                 watcher.push(change)
 
     def _on_reset(self) -> None:
         # The catalog was reloaded after a failed write: every view must be rebuilt.
         self._log.clear()
-        self._published = self._state.catalog.revision
         for watcher in self._watchers:
             watcher.needs_snapshot = True
             watcher.wake.set()
