@@ -14,13 +14,13 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from types import TracebackType
 from typing import NoReturn, overload
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
 
 from ingestor import _loop
+from ingestor._closing import Closing
 from ingestor.breaker import BreakerSettings, CircuitBreaker
 from ingestor.connection import ConnectionPool, PluginConnection
 from ingestor.context import IngestContext
@@ -53,7 +53,7 @@ class _Unreachable(Exception):
         self.retry = retry
 
 
-class ExternalIngestor:
+class ExternalIngestor(Closing):
     """The gateway's client of one source's ingestor plugin (static or resolved).
 
     Give either ``address`` (a fixed plugin: ``host:port``, ``http://h:p``,
@@ -253,28 +253,6 @@ class ExternalIngestor:
                 except RuntimeError:
                     continue
                 await asyncio.wrap_future(future)
-
-    def __enter__(self) -> ExternalIngestor:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> ExternalIngestor:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def channels(self) -> int:
         """How many channels are cached on the running loop (or the private one)."""

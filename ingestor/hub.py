@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from types import TracebackType
 
 from ingestor import _loop
+from ingestor._closing import Closing
 from ingestor.breaker import BreakerSettings
 from ingestor.context import IngestContext
 from ingestor.errors import PluginError
@@ -20,7 +20,7 @@ from ingestor.resolver import RegistryResolver
 from registry.wire import event_pb
 
 
-class Hub:
+class Hub(Closing):
     """Source → ingestor routing: static ingestors first, then the registry's plugins.
 
     Add static ingestors with :meth:`ingestor`, then call :meth:`build`. With a
@@ -139,28 +139,6 @@ class Hub:
     async def aclose(self) -> None:
         """Close every ingestor of the hub, waiting for their channels. Idempotent."""
         await asyncio.gather(*(ingestor.aclose() for ingestor in self._shut()))
-
-    def __enter__(self) -> Hub:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Hub:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def _check_usable(self) -> None:
         if self._closed:

@@ -20,10 +20,10 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from types import TracebackType
 from typing import Any
 
 from ingestor import _loop
+from ingestor._closing import Closing
 from ingestor.errors import PluginConnectionError, PluginError
 from ingestor.view import Endpoint, ResolverView
 from registry.client import RegistryClient
@@ -89,7 +89,7 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-class RegistryResolver:
+class RegistryResolver(Closing):
     """A Watch-fed cache of the registry: resolves a source to its HEALTHY endpoints.
 
     Thread rules: every method may be called from any thread. The Watch stream runs
@@ -197,29 +197,11 @@ class RegistryResolver:
         with contextlib.suppress(RuntimeError):
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_cancel(task), loop))
 
-    def __enter__(self) -> RegistryResolver:
+    def _enter(self) -> None:
         self.start()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> RegistryResolver:
+    async def _aenter(self) -> None:
         await self.start_async()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # -- what it knows -----------------------------------------------------------------
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from types import TracebackType
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from registry import convert
 from registry.errors import RegistryError, StoreError
+from registry.lifecycle import AsyncService
 from registry.migrate import upgrade
 from registry.poller import CheckSettings, HealthChecker
 from registry.reaper import LeaseReaper
@@ -41,7 +41,7 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-class RegistryServer:
+class RegistryServer(AsyncService):
     """A running PluginRegistry: ``start()``, idempotent ``stop(grace)``, or ``async with``."""
 
     def __init__(self, settings: RegistrySettings | None = None) -> None:
@@ -173,18 +173,6 @@ class RegistryServer:
     async def wait_closed(self) -> None:
         """Wait until :meth:`stop` has finished."""
         await self._stopped.wait()
-
-    async def __aenter__(self) -> RegistryServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def _set_health(self, serving: bool) -> None:
         status = _SERVING if serving else _NOT_SERVING

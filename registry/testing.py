@@ -17,12 +17,12 @@ import inspect
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
 
+from registry.lifecycle import AsyncService
 from registry.model import PluginType
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
@@ -52,7 +52,7 @@ def echo_lines(request: pb.IngestRequest) -> pb.IngestResponse:
     return pb.IngestResponse(events=events)
 
 
-class FakePlugin:
+class FakePlugin(AsyncService):
     """A real ingestor or emitter gRPC server on 127.0.0.1:0 whose answers a test controls.
 
     Set ``healthy``/``health_message`` to change what Health answers, ``health_delay``
@@ -116,18 +116,6 @@ class FakePlugin:
         server, self._server = self._server, None
         if server is not None:
             await server.stop(grace)
-
-    async def __aenter__(self) -> FakePlugin:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 class _Servicer:

@@ -22,13 +22,13 @@ import socket
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import grpc
 
 from registry.client import DEFAULT_REGISTRY, RegistryClient, dial_target
 from registry.errors import InvalidArgument, RegistryError, RegistryUnavailable
+from registry.lifecycle import AsyncService
 from registry.sdk.handlers import (
     EmitFn,
     EmitterServicer,
@@ -123,7 +123,7 @@ def _route_host(registry: str) -> str:
     return f"[{local}]" if ":" in local else local
 
 
-class PluginHost:
+class PluginHost(AsyncService):
     """One plugin: its gRPC server and its registration, ``start()``/``stop()`` or ``async with``.
 
     Give ``info`` (a ``pb.PluginInfo`` or its fields; the type is inferred) and either
@@ -310,18 +310,6 @@ class PluginHost:
                 raise self._failure
             self._changed.clear()
             await self._changed.wait()
-
-    async def __aenter__(self) -> PluginHost:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # -- registration ------------------------------------------------------------------------
 
