@@ -28,6 +28,7 @@ _CHUNK = 500  # ids per IN (...) clause; SQLite caps bound parameters
 # Built once: SQLAlchemy caches their compiled form.
 _DELETE_PLUGINS = delete(PluginRow).where(PluginRow.plugin_id.in_(bindparam("ids", expanding=True)))
 _TRIM_CHANGES = delete(ChangeRow).where(ChangeRow.revision <= bindparam("oldest"))
+_INSERT_CHANGES = insert(ChangeRow)
 
 
 def _upsert(dialect: str, table: Any, key: str) -> Any:
@@ -172,12 +173,12 @@ class SqlStore:
                     entries = [
                         {
                             "revision": c.revision,
-                            "upserted": [_to_json(_row_from_plugin(p)) for p in c.upserted],
-                            "removed": [_to_json(_row_from_plugin(p)) for p in c.removed],
+                            "upserted": [_json_row(p) for p in c.upserted],
+                            "removed": [_json_row(p) for p in c.removed],
                         }
                         for c in batch.changes
                     ]
-                    await conn.execute(insert(ChangeRow), entries)
+                    await conn.execute(_INSERT_CHANGES, entries)
                     await conn.execute(_TRIM_CHANGES, {"oldest": batch.revision - batch.retain})
                 await conn.execute(self._upsert_meta, {"id": 1, "revision": batch.revision})
         except (SQLAlchemyError, OSError) as exc:
@@ -263,8 +264,14 @@ def _plugin_from_row(row: Any) -> Plugin:
 _TIMES = ("registered_at", "last_heartbeat_at", "last_check_at", "status_since")
 
 
-def _to_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.isoformat() if k in _TIMES and v is not None else v for k, v in row.items()}
+def _json_row(plugin: Plugin) -> dict[str, Any]:
+    """A plugin as the change log stores it: its row, with times as ISO 8601 text."""
+    row = _row_from_plugin(plugin)
+    for key in _TIMES:
+        moment = row[key]
+        if moment is not None:
+            row[key] = moment.isoformat()
+    return row
 
 
 def _from_json(row: dict[str, Any]) -> dict[str, Any]:

@@ -45,6 +45,9 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
+# The types a plugin can register as, by wire value.
+_PLUGIN_TYPES = {int(t): t for t in (PluginType.INGESTOR, PluginType.EMITTER)}
+
 
 def _text(field: str, value: str, limit: int, *, required: bool = False) -> str:
     if required and not value:
@@ -71,10 +74,15 @@ def _names(
         raise InvalidArgument(field, f"has {len(items)} entries; the limit is {count}")
     seen: set[str] = set()
     for i, item in enumerate(items):
-        if pattern is None:
-            _text(f"{field}[{i}]", item, limit, required=True)
-        else:
-            _matching(f"{field}[{i}]", item, limit, pattern)
+        # The same checks as _text/_matching, inline: only a failing item pays for
+        # building its field name (``info.sources[2]``) and gets the full message.
+        if not (item and len(item) <= limit and item.isprintable()) or (
+            pattern is not None and not pattern.match(item)
+        ):
+            if pattern is None:
+                _text(f"{field}[{i}]", item, limit, required=True)
+            else:
+                _matching(f"{field}[{i}]", item, limit, pattern)
         if item in seen:
             raise InvalidArgument(f"{field}[{i}]", f"{item!r} is listed twice")
         seen.add(item)
@@ -139,21 +147,22 @@ def registration_from_request(
     info = request.info
     name = _matching("info.name", info.name, limits.max_name, _NAME)
     raw_type = int(info.type)
-    if raw_type not in (PluginType.INGESTOR, PluginType.EMITTER):
+    if raw_type not in _PLUGIN_TYPES:
         what = (
             "must be set"
             if raw_type == PluginType.UNSPECIFIED
             else f"{raw_type} is not a known plugin type"
         )
         raise InvalidArgument("info.type", f"{what} (PLUGIN_TYPE_INGESTOR or PLUGIN_TYPE_EMITTER)")
-    plugin_type = PluginType(raw_type)
+    plugin_type = _PLUGIN_TYPES[raw_type]
     sources = check_sources("info.sources", info.sources, limits)
     if plugin_type is PluginType.INGESTOR and not sources:
         raise InvalidArgument("info.sources", "an ingestor must declare at least one source")
     emitter_name = ""
     if info.emitter_name:
         emitter_name = _matching("info.emitter_name", info.emitter_name, limits.max_name, _NAME)
-    labels: Mapping[str, str] = dict(request.labels)
+    # An empty map is the common case; copying one goes through the Mapping ABC.
+    labels: Mapping[str, str] = dict(request.labels) if len(request.labels) else {}
     if len(labels) > limits.max_labels:
         raise InvalidArgument(
             "labels", f"has {len(labels)} entries; the limit is {limits.max_labels}"
