@@ -64,13 +64,21 @@ def row(
 
 
 class Process:
-    """A subprocess whose stderr is drained in the background; finds ``serving on HOST:PORT``."""
+    """A subprocess whose output is drained in the background; finds its ready line.
 
-    def __init__(self, args: list[str], pattern: str = r"serving on (\S+)") -> None:
+    The registry says ``serving on HOST:PORT`` on stderr; a ``registry.testing``
+    plugin says ``listening on HOST:PORT`` on stdout (``stdout=True``).
+    """
+
+    def __init__(
+        self, args: list[str], pattern: str = r"serving on (\S+)", *, stdout: bool = False
+    ) -> None:
         self.started = time.perf_counter()
+        pipe, quiet = subprocess.PIPE, subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+            args, stdout=pipe if stdout else quiet, stderr=quiet if stdout else pipe, text=True
         )
+        self._stream = self.proc.stdout if stdout else self.proc.stderr
         self._pattern = re.compile(pattern)
         self._found = threading.Event()
         self.address = ""
@@ -78,8 +86,8 @@ class Process:
         threading.Thread(target=self._drain, daemon=True).start()
 
     def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
+        assert self._stream is not None
+        for line in self._stream:
             match = self._pattern.search(line)
             if match and not self._found.is_set():
                 self.address = match.group(1)
