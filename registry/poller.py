@@ -84,7 +84,9 @@ class HealthChecker:
             return
         self._running = True
         self._flusher = asyncio.create_task(self._flush_loop(), name="health-flush")
-        self._resync(spread=min(self._settings.interval, 5.0))
+        # After a restart, checks start spread over one interval: steady-state load,
+        # not a burst of every registration at once.
+        self._resync(spread=self._settings.interval)
 
     async def stop(self) -> None:
         """Cancel checks and close channels. Idempotent; safe before start."""

@@ -49,8 +49,6 @@ class RegistryState:
         self.started_at = clock()
         self._flush_interval = flush_interval
         self._retain = retain
-        # The retained change log as loaded at start; the watch hub takes it over.
-        self.history: list[Change] = []
         self._journal: Journal | None = None
         self._listeners: list[Listener] = []
         self._reset_listeners: list[Callable[[], None]] = []
@@ -65,7 +63,6 @@ class RegistryState:
         snapshot = await self.store.load()
         self.catalog = Catalog(snapshot.plugins, snapshot.revision)
         self.view = Catalog(snapshot.plugins, snapshot.revision)
-        self.history = snapshot.changes
         self.started_at = self.clock()
         self._journal = Journal(
             self.store,

@@ -61,11 +61,10 @@ def normalize_url(url: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Everything the store holds: the plugins, the global revision, the retained changes."""
+    """The current state the store holds: the plugins and the global revision."""
 
     plugins: list[Plugin]
     revision: int
-    changes: list[Change] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -95,6 +94,7 @@ class Store(Protocol):
     """What the registry needs from its database."""
 
     async def load(self) -> Snapshot: ...
+    async def load_history(self) -> list[Change]: ...
     async def write(self, batch: Batch) -> None: ...
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
@@ -132,7 +132,7 @@ class SqlStore:
         return cls(engine)
 
     async def load(self) -> Snapshot:
-        """Read every plugin and the revision.
+        """Read every plugin and the revision (not the change log: :meth:`load_history`).
 
         Raises:
             StoreError: the database failed.
@@ -143,10 +143,22 @@ class SqlStore:
                 revision = await conn.scalar(
                     select(RegistryMetaRow.revision).where(RegistryMetaRow.id == 1)
                 )
-                history = (await conn.execute(select(ChangeRow).order_by(ChangeRow.revision))).all()
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"cannot load the registry: {exc}") from exc
-        changes = [
+        return Snapshot([_plugin_from_row(r) for r in rows], revision or 0)
+
+    async def load_history(self) -> list[Change]:
+        """Read the retained change log, oldest first.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        try:
+            async with self.engine.connect() as conn:
+                history = (await conn.execute(select(ChangeRow).order_by(ChangeRow.revision))).all()
+        except (SQLAlchemyError, OSError) as exc:
+            raise StoreError(f"cannot load the change log: {exc}") from exc
+        return [
             Change(
                 revision=row.revision,
                 upserted=tuple(_plugin_from_row(_from_json(p)) for p in row.upserted),
@@ -154,7 +166,6 @@ class SqlStore:
             )
             for row in history
         ]
-        return Snapshot([_plugin_from_row(r) for r in rows], revision or 0, changes)
 
     async def write(self, batch: Batch) -> None:
         """Apply a batch in one transaction; durable when this returns.
@@ -238,7 +249,7 @@ def _row_from_plugin(plugin: Plugin) -> dict[str, Any]:
 def _plugin_from_row(row: Any) -> Plugin:
     registration = Registration(
         name=row["name"],
-        type=PluginType(row["type"]),
+        type=_TYPES[row["type"]],
         address=row["address"],
         version=row["version"],
         description=row["description"],
@@ -251,7 +262,7 @@ def _plugin_from_row(row: Any) -> Plugin:
     return Plugin(
         plugin_id=row["plugin_id"],
         registration=registration,
-        status=PluginStatus(row["status"]),
+        status=_STATUSES[row["status"]],
         registered_at=row["registered_at"],
         last_heartbeat_at=row["last_heartbeat_at"],
         last_check_at=row["last_check_at"],
@@ -261,6 +272,9 @@ def _plugin_from_row(row: Any) -> Plugin:
     )
 
 
+# Enum lookups by value: calling the enum class is slow over 10,000 rows.
+_TYPES = {t.value: t for t in PluginType}
+_STATUSES = {s.value: s for s in PluginStatus}
 _TIMES = ("registered_at", "last_heartbeat_at", "last_check_at", "status_since")
 
 

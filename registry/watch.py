@@ -93,7 +93,9 @@ class WatchHub:
     ) -> None:
         self._state = state
         self._messages = messages
-        self._log: deque[Change] = deque(state.history, maxlen=retain)
+        self._log: deque[Change] = deque(maxlen=retain)
+        # Resumes wait for the stored log; everything else serves at once.
+        self._history_loaded = asyncio.Event()
         self._max_backlog = max_backlog
         self._progress_interval = progress_interval
         self._watchers: set[Watcher] = set()
@@ -104,9 +106,23 @@ class WatchHub:
     def watchers(self) -> int:
         return len(self._watchers)
 
+    async def load_history(self) -> None:
+        """Take over the change log stored before this start (in the background: a
+        long log must not delay serving). Without it, resumes get snapshots."""
+        try:
+            stored = await self._state.store.load_history()
+        except Exception as exc:
+            log.warning("change log not loaded; resuming watchers get snapshots: %s", exc)
+            stored = []
+        first_live = self._log[0].revision if self._log else None
+        older = [c for c in stored if first_live is None or c.revision < first_live]
+        self._log = deque([*older, *self._log], maxlen=self._log.maxlen)
+        self._history_loaded.set()
+
     def close(self) -> None:
         """End every stream (they finish with OK); new ones end at once."""
         self._closed = True
+        self._history_loaded.set()
         for watcher in self._watchers:
             watcher.wake.set()
 
@@ -114,6 +130,8 @@ class WatchHub:
         self, since_revision: int, sources: frozenset[str]
     ) -> AsyncIterator[pb.WatchResponse]:
         """The messages of one Watch call, until the hub closes or the caller stops."""
+        if since_revision:
+            await self._history_loaded.wait()
         watcher = self._subscribe(since_revision, sources)
         try:
             if not watcher.needs_snapshot and not watcher.backlog:
