@@ -148,6 +148,16 @@ async def _populate(address: str, count: int) -> None:
         await asyncio.gather(*(one(i) for i in range(count)))
 
 
+async def _settled(address: str) -> None:
+    """Wait until start-up's background work is done: a resumed Watch answers only
+    once the stored change log is loaded (the message cache warms alongside)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stream = pb_grpc.PluginRegistryStub(channel).Watch(pb.WatchRequest(since_revision=1))
+        async for _ in stream:
+            break
+        stream.cancel()
+
+
 async def _list_all(address: str, count: int, calls: int) -> Load:
     async with grpc.aio.insecure_channel(
         address, options=[("grpc.max_receive_message_length", 256 * 1024 * 1024)]
@@ -179,6 +189,8 @@ async def _big(quick: bool, folder: str) -> list[dict[str, Any]]:
         raw_address = raw.wait_ready()
         raw_startup = raw.ready_at - raw.started
         calls = 5 if quick else 30
+        first = await _list_all(address, count, 1)  # right after start: caches still cold
+        await _settled(address)
         mine = await _list_all(address, count, calls)
         base = await _list_all(raw_address, count, calls)
         rss = ours.rss_mb()
@@ -193,6 +205,13 @@ async def _big(quick: bool, folder: str) -> list[dict[str, Any]]:
             "p99 ≤ 100 ms",
             unit="p99 ms",
             p50_ms=round(mine.percentile(0.5) * 1000, 2),
+        ),
+        row(
+            f"ListPlugins all {count}, first after start",
+            first.percentile(0.5) * 1000,
+            base.percentile(0.5) * 1000,
+            "-",
+            unit="ms",
         ),
         row(f"start-up with {count}", startup, raw_startup, "≤ 2 s", unit="s"),
         row(f"resident memory with {count}", rss, 0, "≤ 250 MB", unit="MB"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import cast
 
@@ -70,14 +71,48 @@ def registered_plugin(plugin: Plugin) -> pb.RegisteredPlugin:
     return message
 
 
+# Field 1, wire type 2 (length-delimited): ``repeated RegisteredPlugin plugins = 1``.
+_LIST_ITEM_TAG = b"\x0a"
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def plugin_list(items: list[bytes], revision: int, next_page_token: str) -> pb.ListPluginsResponse:
+    """A ListPluginsResponse from :meth:`MessageCache.encoded` items.
+
+    Parsing the concatenated fields is about twice as fast as copying thousands of
+    cached messages into a new response, which is what ListPlugins of all costs.
+    """
+    response = pb.ListPluginsResponse.FromString(b"".join(items))
+    response.revision = revision
+    response.next_page_token = next_page_token
+    return response
+
+
 def endpoint(plugin: Plugin) -> pb.Endpoint:
     return pb.Endpoint(
         plugin_id=plugin.plugin_id, address=plugin.address, status=wire_status(plugin.status)
     )
 
 
+class _Entry:
+    __slots__ = ("encoded", "message", "plugin")
+
+    def __init__(self, plugin: Plugin) -> None:
+        self.plugin = plugin
+        self.message = registered_plugin(plugin)
+        self.encoded: bytes | None = None
+
+
 class MessageCache:
-    """RegisteredPlugin messages, built once per plugin state.
+    """RegisteredPlugin messages (and their encoded bytes), built once per plugin state.
 
     Plugins are immutable, so a cached message is reused while the catalog still
     holds the very same object; ListPlugins of thousands and Watch snapshots then
@@ -85,15 +120,32 @@ class MessageCache:
     """
 
     def __init__(self) -> None:
-        self._messages: dict[str, tuple[Plugin, pb.RegisteredPlugin]] = {}
+        self._messages: dict[str, _Entry] = {}
+
+    def _entry(self, plugin: Plugin) -> _Entry:
+        entry = self._messages.get(plugin.plugin_id)
+        if entry is None or entry.plugin is not plugin:
+            entry = self._messages[plugin.plugin_id] = _Entry(plugin)
+        return entry
 
     def get(self, plugin: Plugin) -> pb.RegisteredPlugin:
-        hit = self._messages.get(plugin.plugin_id)
-        if hit is not None and hit[0] is plugin:
-            return hit[1]
-        message = registered_plugin(plugin)
-        self._messages[plugin.plugin_id] = (plugin, message)
-        return message
+        return self._entry(plugin).message
+
+    def encoded(self, plugin: Plugin) -> bytes:
+        """The plugin as the bytes of a ``RegisteredPlugin`` field (``field 1``) of a list."""
+        entry = self._entry(plugin)
+        if entry.encoded is None:
+            data = entry.message.SerializeToString()
+            entry.encoded = _LIST_ITEM_TAG + _varint(len(data)) + data
+        return entry.encoded
+
+    async def warm(self, plugins: list[Plugin]) -> None:
+        """Build the entries of ``plugins`` in slices, yielding to the loop between
+        them: after a start, the first ListPlugins of all is then no slower than the next."""
+        for start in range(0, len(plugins), 256):
+            for plugin in plugins[start : start + 256]:
+                self.encoded(plugin)
+            await asyncio.sleep(0)
 
     def forget(self, changes: list[Change]) -> None:
         for change in changes:

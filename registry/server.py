@@ -142,6 +142,8 @@ class RegistryServer(AsyncService):
         self._reaper.start()
         self._tasks.append(asyncio.create_task(self._watch_database(), name="registry-db-health"))
         self._tasks.append(asyncio.create_task(self._hub.load_history(), name="registry-history"))
+        warm = messages.warm(list(state.view))
+        self._tasks.append(asyncio.create_task(warm, name="registry-warm-messages"))
         log.info("registry serving on %s (revision %d)", self.address, state.view.revision)
 
     async def stop(self, grace: float | None = 5.0) -> None:

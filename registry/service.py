@@ -148,23 +148,18 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
             name=request.name,
             after=_after(request.page_token),
         )
-        page: list[pb.RegisteredPlugin] = []
+        page: list[bytes] = []
         budget = PAGE_BYTES
         last = ""
         for plugin in matching:
-            message = self._messages.get(plugin)
-            budget -= message.ByteSize() + 8
+            item = self._messages.encoded(plugin)
+            budget -= len(item)
             if len(page) == size or (page and budget < 0):
                 # More exists: hand out a token for the rest.
-                return self._page(page, page_token(last))
-            page.append(message)
+                return convert.plugin_list(page, self._state.view.revision, page_token(last))
+            page.append(item)
             last = plugin.plugin_id
-        return self._page(page, "")
-
-    def _page(self, plugins: list[pb.RegisteredPlugin], token: str) -> pb.ListPluginsResponse:
-        return pb.ListPluginsResponse(
-            plugins=plugins, revision=self._state.view.revision, next_page_token=token
-        )
+        return convert.plugin_list(page, self._state.view.revision, "")
 
     @_status_mapped
     async def GetPlugin(

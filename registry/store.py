@@ -7,6 +7,7 @@ transaction per batch. Database errors leave it as :class:`StoreError`, chained.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -158,14 +159,8 @@ class SqlStore:
                 history = (await conn.execute(select(ChangeRow).order_by(ChangeRow.revision))).all()
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"cannot load the change log: {exc}") from exc
-        return [
-            Change(
-                revision=row.revision,
-                upserted=tuple(_plugin_from_row(_from_json(p)) for p in row.upserted),
-                removed=tuple(_plugin_from_row(_from_json(p)) for p in row.removed),
-            )
-            for row in history
-        ]
+        # Decoding thousands of entries is CPU work: off the event loop.
+        return await asyncio.to_thread(_changes_from_rows, history)
 
     async def write(self, batch: Batch) -> None:
         """Apply a batch in one transaction; durable when this returns.
@@ -205,6 +200,17 @@ class SqlStore:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def _changes_from_rows(rows: Sequence[Any]) -> list[Change]:
+    return [
+        Change(
+            revision=row.revision,
+            upserted=tuple(_plugin_from_row(_from_json(p)) for p in row.upserted),
+            removed=tuple(_plugin_from_row(_from_json(p)) for p in row.removed),
+        )
+        for row in rows
+    ]
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
