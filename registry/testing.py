@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import inspect
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,32 @@ from registry.settings import RegistrySettings
 from registry.wire import event_pb, pb, pb_grpc
 
 IngestHandler = Callable[[pb.IngestRequest], pb.IngestResponse | Awaitable[pb.IngestResponse]]
+
+
+async def eventually(
+    probe: Callable[[], Any],
+    *,
+    within: float = 10.0,
+    what: str = "condition",
+    interval: float = 0.01,
+) -> Any:
+    """Poll ``probe`` (sync or async) until it gives something truthy; return that.
+
+    The way to wait in a test: on a condition, with a deadline, never a bare sleep.
+
+    Raises:
+        AssertionError: ``within`` seconds passed first (the message names ``what``).
+    """
+    deadline = time.monotonic() + within
+    while True:
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 @contextlib.asynccontextmanager

@@ -10,10 +10,8 @@ each test that asks for ``database_url`` gets an empty schema.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import secrets
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +23,7 @@ from sqlalchemy.engine import make_url
 
 from registry.client import RegistryClient
 from registry.server import RegistryServer
-from registry.testing import running_registry
+from registry.testing import eventually, running_registry
 
 POSTGRES_ENV = "POLKU_TEST_POSTGRES_URL"
 
@@ -42,20 +40,10 @@ async def wait_for(
     interval: float = 0.01,
     message: str = "",
 ) -> object:
-    """Poll ``predicate`` (sync or async) every ``interval`` s until it is truthy.
-
-    Returns the truthy value. Raises AssertionError when ``within`` seconds pass first.
-    """
-    deadline = time.monotonic() + within
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(message or f"condition not met within {within} s")
-        await asyncio.sleep(interval)
+    """:func:`registry.testing.eventually`, under the name these tests use."""
+    return await eventually(
+        predicate, within=within, what=message or "condition", interval=interval
+    )
 
 
 @pytest.fixture(name="wait_for")

@@ -135,7 +135,6 @@ async def test_the_change_log_keeps_only_the_retained_revisions(store):
     batch = Batch(revision=5, retain=2)
     batch.changes = [Change(r, removed=(plugin(f"p{r}"),)) for r in range(1, 6)]
     await store.write(batch)
-    snapshot = await store.load()
     assert [c.revision for c in await store.load_history()] == [4, 5]
 
 

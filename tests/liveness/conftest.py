@@ -13,12 +13,11 @@ import json
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from registry import PluginStatus, RegistryClient
+from registry import PluginStatus, RegistryClient, testing
 from registry.wire import pb
 
 T = TypeVar("T")
@@ -43,21 +42,9 @@ def plugin_info(name: str, sources: Iterable[str] = (), *, description: str = ""
 async def eventually(
     probe: Callable[[], Awaitable[T]], *, within: float = DEADLINE, what: str = "condition"
 ) -> T:
-    """Await ``probe()`` every 10 ms until it returns something truthy.
-
-    Returns that value.
-
-    Raises:
-        AssertionError: ``within`` seconds passed first (the message names ``what``).
-    """
-    deadline = time.monotonic() + within
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(POLL)
+    """:func:`registry.testing.eventually` with this suite's deadline."""
+    result: T = await testing.eventually(probe, within=within, what=what, interval=POLL)
+    return result
 
 
 async def status_of(client: RegistryClient, plugin_id: str) -> PluginStatus:

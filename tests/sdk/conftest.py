@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import inspect
 import os
 import re
 import shutil
@@ -18,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -26,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from registry import RegistryClient
+from registry import RegistryClient, testing
 from registry.wire import pb
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,21 +37,8 @@ DEADLINE = 30.0
 async def eventually(
     probe: Callable[[], Any], *, within: float = DEADLINE, what: str = "condition"
 ) -> Any:
-    """Poll ``probe`` (sync or async) every 10 ms until it gives something truthy; return it.
-
-    Raises:
-        AssertionError: ``within`` seconds passed first (naming ``what``).
-    """
-    deadline = time.monotonic() + within
-    while True:
-        value = probe()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.01)
+    """:func:`registry.testing.eventually` with this suite's generous deadline."""
+    return await testing.eventually(probe, within=within, what=what)
 
 
 def free_port() -> int:
