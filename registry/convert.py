@@ -12,14 +12,6 @@ from registry.model import Change, Plugin, PluginStatus, PluginType
 from registry.wire import pb
 
 
-def timestamp(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    _stamp(ts, value)
-    return ts
-
-
 def _stamp(field: Timestamp, value: datetime) -> None:
     # Timestamp.FromDatetime is several times slower; these are UTC-aware datetimes.
     field.seconds = int(value.timestamp())
@@ -32,12 +24,6 @@ def wire_type(value: PluginType) -> pb.PluginType:
 
 def wire_status(value: PluginStatus) -> pb.PluginStatus:
     return cast(pb.PluginStatus, int(value))
-
-
-def plugin_info(plugin: Plugin) -> pb.PluginInfo:
-    info = pb.PluginInfo()
-    _fill_info(info, plugin)
-    return info
 
 
 def _fill_info(info: pb.PluginInfo, plugin: Plugin) -> None:

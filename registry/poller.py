@@ -71,6 +71,8 @@ class HealthChecker:
         self._streaks: dict[str, _Streak] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._channels: dict[str, _Channel] = {}
+        # Which channel each checked plugin uses, so forgetting one touches one channel.
+        self._address_of: dict[str, str] = {}
         self._checks: set[asyncio.Task[None]] = set()
         self._pending: dict[str, Plugin] = {}
         self._flush_wake = asyncio.Event()
@@ -147,7 +149,9 @@ class HealthChecker:
         timer = self._timers.pop(plugin_id, None)
         if timer is not None:
             timer.cancel()
-        for address, entry in list(self._channels.items()):
+        address = self._address_of.pop(plugin_id, None)
+        entry = self._channels.get(address) if address is not None else None
+        if address is not None and entry is not None:
             entry.users.discard(plugin_id)
             if not entry.users:
                 self._close_channel(address)
@@ -260,6 +264,7 @@ class HealthChecker:
             entry.watcher = asyncio.create_task(self._watch_channel(plugin.address, channel))
             self._channels[plugin.address] = entry
         entry.users.add(plugin.plugin_id)
+        self._address_of[plugin.plugin_id] = plugin.address
         return entry
 
     async def _watch_channel(self, address: str, channel: grpc.aio.Channel) -> None:

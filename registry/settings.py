@@ -75,8 +75,3 @@ class RegistrySettings:
         for name, (ok, rule) in checks.items():
             if not ok:
                 raise ValueError(f"{name}: {getattr(self, name)!r} {rule}")
-
-    @property
-    def heartbeat_interval(self) -> int:
-        """What a plugin with the default lease is told: a third of it."""
-        return max(1, self.lease_ttl // 3)

@@ -102,10 +102,6 @@ class WatchHub:
         self._closed = False
         state.subscribe(self._on_changes, on_reset=self._on_reset)
 
-    @property
-    def watchers(self) -> int:
-        return len(self._watchers)
-
     async def load_history(self) -> None:
         """Take over the change log stored before this start (in the background: a
         long log must not delay serving). Without it, resumes get snapshots."""
