@@ -91,6 +91,12 @@ def postgres_url() -> Iterator[str]:
         run_off_loop(_admin(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@pytest.fixture(name="postgres_admin")
+def postgres_admin_fixture() -> Callable[..., Awaitable[None]]:
+    """``await postgres_admin(url, *statements)``: run SQL on its own connection."""
+    return _admin
+
+
 def reset_postgres(url: str) -> None:
     """Empty the run's database: every table of the previous test goes."""
     run_off_loop(_admin(url, "DROP SCHEMA IF EXISTS public CASCADE", "CREATE SCHEMA public"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 
-import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,29 +25,22 @@ def _info(name: str) -> pb.PluginInfo:
     return pb.PluginInfo(name=name, type=pb.PLUGIN_TYPE_INGESTOR, sources=[name])
 
 
-async def _admin(url: str, *statements: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
-async def _set_connections(admin_url: str, database: str, allowed: bool) -> None:
+async def _set_connections(admin, admin_url: str, database: str, allowed: bool) -> None:
     statements = [f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allowed).lower()}']
     if not allowed:
         statements.append(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             f"WHERE datname = '{database}' AND pid <> pg_backend_pid()"
         )
-    await _admin(admin_url, *statements)
+    await admin(admin_url, *statements)
 
 
 async def test_an_unreachable_database_means_not_serving_and_unavailable_writes(
-    postgres_url: str, tmp_path, wait_for
+    postgres_url: str, tmp_path, wait_for, postgres_admin
 ) -> None:
-    await _admin(postgres_url, "DROP SCHEMA IF EXISTS public CASCADE", "CREATE SCHEMA public")
+    await postgres_admin(
+        postgres_url, "DROP SCHEMA IF EXISTS public CASCADE", "CREATE SCHEMA public"
+    )
     admin_url = os.environ["POLKU_TEST_POSTGRES_URL"]  # another database of the same server
     database = make_url(postgres_url).database
     assert database
@@ -66,7 +58,7 @@ async def test_an_unreachable_database_means_not_serving_and_unavailable_writes(
         kept = await client.register(_info("kept"), "127.0.0.1:1", no_lease=True)
         assert await status() == health_pb2.HealthCheckResponse.SERVING
         try:
-            await _set_connections(admin_url, database, allowed=False)
+            await _set_connections(postgres_admin, admin_url, database, allowed=False)
             await wait_for(
                 lambda: _is(status(), health_pb2.HealthCheckResponse.NOT_SERVING), within=20
             )
@@ -75,7 +67,7 @@ async def test_an_unreachable_database_means_not_serving_and_unavailable_writes(
             # Reads keep answering from memory while the database is away.
             assert kept.plugin_id in {p.plugin_id for p in await client.list_plugins()}
         finally:
-            await _set_connections(admin_url, database, allowed=True)
+            await _set_connections(postgres_admin, admin_url, database, allowed=True)
         await wait_for(lambda: _is(status(), health_pb2.HealthCheckResponse.SERVING), within=20)
         after = await wait_for(lambda: _register_ok(client, "after"), within=20)
         listed = {p.info.name for p in await client.list_plugins()}
