@@ -4,6 +4,9 @@
     ├── InvalidArgument      a request field is malformed or out of range (names the field)
     ├── NotFound             no plugin has that id
     ├── AlreadyExists        a source or emitter name belongs to another live plugin
+    ├── Unauthenticated      the call carries no identity the policy knows
+    ├── PermissionDenied     the identity may not do this (names the scope or the owner)
+    ├── ResourceExhausted    a bound was hit (names the limit)
     └── RegistryUnavailable  the registry (or its database) cannot answer now
         └── StoreError       the database failed; chained to the driver's exception
 
@@ -33,6 +36,22 @@ class NotFound(RegistryError):
 
 class AlreadyExists(RegistryError):
     """A source or emitter name is owned by another plugin with a live instance."""
+
+
+class Unauthenticated(RegistryError):
+    """The call carries no verified identity that the policy knows."""
+
+
+class PermissionDenied(RegistryError):
+    """The caller's identity may not do this; the message names what is missing."""
+
+
+class ResourceExhausted(RegistryError):
+    """A bound was reached; the message names the limit."""
+
+    def __init__(self, limit: str, reason: str) -> None:
+        super().__init__(f"{limit}: {reason}")
+        self.limit = limit
 
 
 class RegistryUnavailable(RegistryError):

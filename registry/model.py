@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from fnmatch import fnmatchcase
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -98,3 +99,41 @@ class Change:
     @property
     def removed_ids(self) -> list[str]:
         return [p.plugin_id for p in self.removed]
+
+
+# The scopes a policy grants (SPEC §6): admin implies every other.
+SCOPES = ("register", "read", "admin")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """A verified caller and what the policy grants it.
+
+    ``names`` and ``sources`` are glob patterns (``fnmatch``, case-sensitive);
+    ``sources=None`` allows any source or emitter name that nobody owns yet.
+    In open mode (no policy) there is no principal: callers pass ``None``.
+    """
+
+    name: str
+    scopes: frozenset[str] = frozenset()
+    names: tuple[str, ...] = ()
+    sources: tuple[str, ...] | None = None
+
+    @property
+    def admin(self) -> bool:
+        return "admin" in self.scopes
+
+    def allows(self, scope: str) -> bool:
+        """Whether the principal holds ``scope`` (admin holds every scope)."""
+        return self.admin or scope in self.scopes
+
+    def may_name(self, plugin_name: str) -> bool:
+        """Whether it may register instances of ``plugin_name``."""
+        return self.admin or any(fnmatchcase(plugin_name, p) for p in self.names)
+
+    def may_claim(self, key: str) -> bool:
+        """Whether it may claim a source or emitter name that nobody owns."""
+        if self.admin or self.sources is None:
+            return True
+        return any(fnmatchcase(key, p) for p in self.sources)
+

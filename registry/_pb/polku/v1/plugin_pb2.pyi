@@ -296,3 +296,21 @@ class WatchResponse(_message.Message):
     upserted: _containers.RepeatedCompositeFieldContainer[RegisteredPlugin]
     removed_plugin_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, revision: _Optional[int] = ..., snapshot: _Optional[bool] = ..., upserted: _Optional[_Iterable[_Union[RegisteredPlugin, _Mapping]]] = ..., removed_plugin_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released", "principal", "sources", "emitter_name")
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    EMITTER_NAME_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    principal: str
+    sources: _containers.RepeatedScalarFieldContainer[str]
+    emitter_name: str
+    def __init__(self, released: _Optional[bool] = ..., principal: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., emitter_name: _Optional[str] = ...) -> None: ...

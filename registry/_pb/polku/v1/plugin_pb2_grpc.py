@@ -429,6 +429,11 @@ class PluginRegistryStub:
                 request_serializer=polku_dot_v1_dot_plugin__pb2.WatchRequest.SerializeToString,
                 response_deserializer=polku_dot_v1_dot_plugin__pb2.WatchResponse.FromString,
                 _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/polku.v1.PluginRegistry/Release',
+                request_serializer=polku_dot_v1_dot_plugin__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=polku_dot_v1_dot_plugin__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
 
 
 class PluginRegistryServicer:
@@ -477,6 +482,14 @@ class PluginRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Release(self, request, context):
+        """Part 3: trust. An admin frees a plugin name and the sources and emitter name
+        it claimed, so that another principal may register them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PluginRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -514,6 +527,11 @@ def add_PluginRegistryServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=polku_dot_v1_dot_plugin__pb2.WatchRequest.FromString,
                     response_serializer=polku_dot_v1_dot_plugin__pb2.WatchResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=polku_dot_v1_dot_plugin__pb2.ReleaseRequest.FromString,
+                    response_serializer=polku_dot_v1_dot_plugin__pb2.ReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -705,6 +723,33 @@ class PluginRegistry:
             '/polku.v1.PluginRegistry/Watch',
             polku_dot_v1_dot_plugin__pb2.WatchRequest.SerializeToString,
             polku_dot_v1_dot_plugin__pb2.WatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/polku.v1.PluginRegistry/Release',
+            polku_dot_v1_dot_plugin__pb2.ReleaseRequest.SerializeToString,
+            polku_dot_v1_dot_plugin__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,
