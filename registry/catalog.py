@@ -6,6 +6,11 @@ Synchronous and free of I/O: each method checks, applies and returns the
 changes are applied at once, and the committed view that reads (list, get,
 resolve, watch snapshots) are served from, which :meth:`Catalog.apply` advances
 as changes become durable.
+
+Ownership (SPEC §6) lives on the write side only: which principal owns each plugin
+name, and which (principal, plugin name) has claimed each source and emitter name.
+It outlasts every instance: only :meth:`Catalog.release` gives it up. A method that
+changes it also returns the :class:`OwnershipChange` to store with its change.
 """
 
 from __future__ import annotations
@@ -13,22 +18,102 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Literal, NamedTuple
 
-from registry.errors import AlreadyExists
-from registry.model import Change, Plugin, PluginStatus, PluginType, Registration
+from registry.errors import AlreadyExists, PermissionDenied, ResourceExhausted
+from registry.model import Change, Plugin, PluginStatus, PluginType, Principal, Registration
 from registry.ulid import new_ulid
+
+ClaimKind = Literal["source", "emitter"]
+ClaimKey = tuple[ClaimKind, str]
+
+INSTANCE_LIMIT = "max_instances_per_principal"
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """The principal that owns a plugin name, and since when."""
+
+    name: str
+    principal: str
+    claimed_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A source or emitter name held by a principal for one of its plugin names."""
+
+    kind: ClaimKind
+    key: str
+    principal: str
+    plugin_name: str
+    claimed_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """What :meth:`Catalog.release` gave up: the owner and every claim under the name."""
+
+    name: str
+    principal: str
+    sources: tuple[str, ...] = ()
+    emitter_names: tuple[str, ...] = ()
+
+    @property
+    def emitter_name(self) -> str:
+        """The released emitter names in one string (comma-separated when several)."""
+        return ",".join(self.emitter_names)
+
+
+@dataclass(slots=True)
+class OwnershipChange:
+    """Ownership records to store: the new record per key, or None when it is gone."""
+
+    owners: dict[str, Owner | None] = field(default_factory=dict)
+    claims: dict[ClaimKey, Claim | None] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.owners or self.claims)
+
+
+class Registered(NamedTuple):
+    """What :meth:`Catalog.register` did: the new instance, its change, and ownership."""
+
+    plugin: Plugin
+    change: Change
+    # None when nothing was recorded (open mode, or every record already there).
+    ownership: OwnershipChange | None
 
 
 class Catalog:
     """Current plugins by id, with indexes by (name, address), source and emitter name."""
 
-    def __init__(self, plugins: Iterable[Plugin] = (), revision: int = 0) -> None:
+    def __init__(
+        self,
+        plugins: Iterable[Plugin] = (),
+        revision: int = 0,
+        *,
+        owners: Iterable[Owner] = (),
+        claims: Iterable[Claim] = (),
+    ) -> None:
         self.revision = revision
         self._by_id: dict[str, Plugin] = {}
         self._by_instance: dict[tuple[str, str], str] = {}
         self._by_source: defaultdict[str, set[str]] = defaultdict(set)
         self._by_emitter: defaultdict[str, set[str]] = defaultdict(set)
+        self._owners: dict[str, Owner] = {}
+        self._claims: dict[ClaimKey, Claim] = {}
+        self._claims_by_name: defaultdict[str, set[ClaimKey]] = defaultdict(set)
+        # Live instances per plugin name and per owning principal, kept as instances
+        # come and go, so the per-principal limit costs no scan of the catalogue.
+        self._live_by_name: dict[str, int] = {}
+        self._live_by_principal: dict[str, int] = {}
+        for owner in owners:
+            self._set_owner(owner)
+        for claim in claims:
+            self._set_claim(claim)
         for plugin in plugins:
             self._index(plugin)
 
@@ -71,18 +156,97 @@ class Catalog:
                 continue
             yield plugin
 
-    # -- writes --------------------------------------------------------------
+    # -- ownership reads -------------------------------------------------------
 
-    def register(self, registration: Registration, now: datetime) -> tuple[Plugin, Change]:
-        """Add an instance under a fresh id, replacing the one at the same (name, address).
+    def owner_of(self, plugin_name: str) -> str | None:
+        """The principal that owns ``plugin_name``, or None when nobody does."""
+        owner = self._owners.get(plugin_name)
+        return owner.principal if owner is not None else None
+
+    def claim_of(self, kind: ClaimKind, key: str) -> Claim | None:
+        """The claim on a source (``"source"``) or an emitter name (``"emitter"``)."""
+        return self._claims.get((kind, key))
+
+    def owners(self) -> list[Owner]:
+        return list(self._owners.values())
+
+    def claims(self) -> list[Claim]:
+        return list(self._claims.values())
+
+    def live_instances_of(self, principal: str) -> int:
+        """Live instances of every plugin name ``principal`` owns."""
+        return self._live_by_principal.get(principal, 0)
+
+    def may_act_on(self, principal: Principal | None, plugin_name: str) -> bool:
+        """Whether ``principal`` may act on the instances of ``plugin_name``.
+
+        Heartbeat, Unregister and Drain: allowed in open mode (no principal), to
+        admins, to the name's owner and, for a name nobody owns (registered in open
+        mode, before a policy), to a principal whose policy lets it register the name.
+        """
+        if principal is None or principal.admin:
+            return True
+        owner = self._owners.get(plugin_name)
+        if owner is None:
+            return principal.may_name(plugin_name)
+        return owner.principal == principal.name
+
+    def check_instance_access(self, principal: Principal | None, plugin: Plugin) -> None:
+        """Refuse acting on an instance of another principal's plugin name.
 
         Raises:
+            PermissionDenied: :meth:`may_act_on` says no; names the plugin name only.
+        """
+        if not self.may_act_on(principal, plugin.name):
+            raise PermissionDenied(
+                f"plugin_id: the instance belongs to plugin {plugin.name!r} of another principal"
+            )
+
+    def check_name_access(self, principal: Principal | None, plugin_name: str) -> None:
+        """Refuse acting on the instances of another principal's plugin name (Drain by name).
+
+        Raises:
+            PermissionDenied: :meth:`may_act_on` says no.
+        """
+        if not self.may_act_on(principal, plugin_name):
+            raise PermissionDenied(
+                f"name: plugin name {plugin_name!r} belongs to another principal"
+            )
+
+    # -- writes --------------------------------------------------------------
+
+    def register(
+        self,
+        registration: Registration,
+        now: datetime,
+        principal: Principal | None = None,
+        *,
+        max_live_instances: int = 0,
+    ) -> Registered:
+        """Add an instance under a fresh id, replacing the one at the same (name, address).
+
+        With a principal, the name and the claims are checked against ownership
+        first, and recorded for it when absent. ``principal=None`` (open mode)
+        checks and records no ownership. ``max_live_instances`` (0: no limit)
+        bounds the live instances of the names a non-admin principal owns; a
+        replacement does not count as one more.
+
+        Raises:
+            PermissionDenied: the principal may not use the name, or a source or the
+                emitter name belongs to another principal or is not its to claim.
             AlreadyExists: a source or the emitter name belongs to another plugin name
                 that has a live instance.
+            ResourceExhausted: the principal's live instances reached the limit.
         """
-        self._check_ownership(registration)
+        # Admins skip the ownership checks and the limit, not the live-holder rule.
+        checked = principal if principal is not None and not principal.admin else None
+        if checked is not None:
+            self._check_principal(registration, checked)
+        self._check_live_holders(registration)
         replaced_id = self._by_instance.get((registration.name, registration.address))
         replaced = self._by_id[replaced_id] if replaced_id is not None else None
+        if checked is not None and max_live_instances:
+            self._check_instance_limit(registration.name, checked, replaced, max_live_instances)
         plugin = Plugin(
             plugin_id=new_ulid(),
             registration=registration,
@@ -94,8 +258,35 @@ class Catalog:
         )
         if replaced is not None:
             self._unindex(replaced)
+        ownership = self._record(registration, principal, now) if principal is not None else None
         self._index(plugin)
-        return plugin, self._bump(upserted=(plugin,), removed=(replaced,) if replaced else ())
+        change = self._bump(upserted=(plugin,), removed=(replaced,) if replaced else ())
+        return Registered(plugin, change, ownership)
+
+    def release(self, plugin_name: str) -> tuple[Released, OwnershipChange] | None:
+        """Forget the owner of a name and every claim recorded under it.
+
+        Live instances stay as they are. Idempotent: None when nothing was recorded.
+        """
+        owner = self._owners.get(plugin_name)
+        keys = sorted(self._claims_by_name.get(plugin_name, ()))
+        if owner is None and not keys:
+            return None
+        change = OwnershipChange()
+        claims = [self._claims[k] for k in keys]
+        for key in keys:
+            self._drop_claim(key)
+            change.claims[key] = None
+        if owner is not None:
+            self._drop_owner(plugin_name)
+            change.owners[plugin_name] = None
+        released = Released(
+            name=plugin_name,
+            principal=owner.principal if owner is not None else claims[0].principal,
+            sources=tuple(c.key for c in claims if c.kind == "source"),
+            emitter_names=tuple(c.key for c in claims if c.kind == "emitter"),
+        )
+        return released, change
 
     def heartbeat(self, plugin_id: str, now: datetime) -> Plugin | None:
         """Renew a live lease; None when the id is unknown, replaced, reaped or expired.
@@ -113,7 +304,7 @@ class Catalog:
         if plugin is None:
             return None
         touched = dataclasses.replace(plugin, **fields)  # type: ignore[arg-type]
-        self._by_id[plugin_id] = touched
+        self._replace(plugin, touched)
         return touched
 
     def remove(self, plugin_ids: Iterable[str]) -> Change | None:
@@ -140,7 +331,7 @@ class Catalog:
         if not updated:
             return None
         for plugin in updated:
-            self._by_id[plugin.plugin_id] = plugin
+            self._replace(self._by_id[plugin.plugin_id], plugin)
         return self._bump(upserted=updated)
 
     def apply(self, change: Change) -> None:
@@ -154,26 +345,93 @@ class Catalog:
             self._index(plugin)
         self.revision = change.revision
 
-    # -- internals -----------------------------------------------------------
+    # -- rules -----------------------------------------------------------------
 
-    def _bump(self, upserted: tuple[Plugin, ...] = (), removed: tuple[Plugin, ...] = ()) -> Change:
-        self.revision += 1
-        return Change(self.revision, upserted, removed)
+    def _check_principal(self, registration: Registration, principal: Principal) -> None:
+        """SPEC §6: the name is the principal's to use, and so is every claim."""
+        name = registration.name
+        if not principal.may_name(name):
+            raise PermissionDenied(
+                f"info.name: principal {principal.name!r} may not register plugin name {name!r}"
+            )
+        owner = self._owners.get(name)
+        if owner is not None and owner.principal != principal.name:
+            raise PermissionDenied(f"info.name: plugin name {name!r} belongs to another principal")
+        for field_name, kind, key in _claim_keys(registration):
+            what = _WHAT[kind]
+            claim = self._claims.get((kind, key))
+            if claim is not None:
+                if claim.principal != principal.name:
+                    raise PermissionDenied(
+                        f"{field_name}: {what} {key!r} belongs to plugin {claim.plugin_name!r}"
+                    )
+            elif not principal.may_claim(key):
+                raise PermissionDenied(
+                    f"{field_name}: principal {principal.name!r} may not claim {what} {key!r}"
+                )
 
-    def _check_ownership(self, registration: Registration) -> None:
+    def _check_live_holders(self, registration: Registration) -> None:
+        """SPEC §2: a source or emitter name held by a live instance of another name."""
         claims: list[tuple[str, str, Callable[[str], list[Plugin]]]] = [
             ("info.sources", s, self.by_source) for s in registration.sources
         ]
         if registration.emitter_key:
             claims.append(("info.emitter_name", registration.emitter_key, self.by_emitter))
-        for field, key, owners in claims:
-            for owner in owners(key):
-                if owner.live and owner.name != registration.name:
-                    what = "source" if field == "info.sources" else "emitter name"
+        for field_name, key, holders in claims:
+            for holder in holders(key):
+                if holder.live and holder.name != registration.name:
+                    what = "source" if field_name == "info.sources" else "emitter name"
+                    # The holder's name only: its id and address are another party's.
                     raise AlreadyExists(
-                        f"{field}: {what} {key!r} belongs to plugin {owner.name!r} "
-                        f"(live instance {owner.plugin_id} at {owner.address})"
+                        f"{field_name}: {what} {key!r} belongs to plugin {holder.name!r}, "
+                        "which has a live instance"
                     )
+
+    def _check_instance_limit(
+        self, name: str, principal: Principal, replaced: Plugin | None, limit: int
+    ) -> None:
+        live = self._live_by_principal.get(principal.name, 0)
+        counted = live
+        if replaced is not None and replaced.live and self.owner_of(name) == principal.name:
+            counted -= 1  # the replacement takes the old instance's place
+        if counted >= limit:
+            raise ResourceExhausted(
+                INSTANCE_LIMIT, f"principal {principal.name!r} has {live} live instances"
+            )
+
+    def _record(
+        self, registration: Registration, principal: Principal, now: datetime
+    ) -> OwnershipChange | None:
+        """Record what is absent: the name's owner, then each claim for that owner.
+
+        Claims go to the name's owner, which is ``principal`` unless an admin
+        registers a name someone else owns. A claim the owner holds under another of
+        its names moves to this one (the checks made sure no live instance of that
+        name still uses it); a claim of another principal (which only an admin gets
+        past) stays where it is.
+        """
+        change = OwnershipChange()
+        name = registration.name
+        owner = self._owners.get(name)
+        if owner is None:
+            owner = Owner(name, principal.name, now)
+            self._set_owner(owner)
+            change.owners[name] = owner
+        for _, kind, key in _claim_keys(registration):
+            claim = self._claims.get((kind, key))
+            if claim is None or (claim.principal == owner.principal and claim.plugin_name != name):
+                if claim is not None:
+                    self._drop_claim((kind, key))
+                claim = Claim(kind, key, owner.principal, name, now)
+                self._set_claim(claim)
+                change.claims[(kind, key)] = claim
+        return change or None
+
+    # -- internals -----------------------------------------------------------
+
+    def _bump(self, upserted: tuple[Plugin, ...] = (), removed: tuple[Plugin, ...] = ()) -> Change:
+        self.revision += 1
+        return Change(self.revision, upserted, removed)
 
     def _index(self, plugin: Plugin) -> None:
         self._by_id[plugin.plugin_id] = plugin
@@ -182,6 +440,8 @@ class Catalog:
             self._by_source[source].add(plugin.plugin_id)
         if plugin.registration.emitter_key:
             self._by_emitter[plugin.registration.emitter_key].add(plugin.plugin_id)
+        if plugin.live:
+            self._count_live(plugin.name, 1)
 
     def _unindex(self, plugin: Plugin) -> None:
         del self._by_id[plugin.plugin_id]
@@ -195,6 +455,61 @@ class Catalog:
             index[key].discard(plugin.plugin_id)
             if not index[key]:
                 del index[key]
+        if plugin.live:
+            self._count_live(plugin.name, -1)
+
+    def _replace(self, old: Plugin, new: Plugin) -> None:
+        """A new state of the same instance (same id, name and sources)."""
+        self._by_id[new.plugin_id] = new
+        if old.live != new.live:
+            self._count_live(new.name, 1 if new.live else -1)
+
+    def _count_live(self, name: str, delta: int) -> None:
+        _add(self._live_by_name, name, delta)
+        owner = self._owners.get(name)
+        if owner is not None:
+            _add(self._live_by_principal, owner.principal, delta)
+
+    def _set_owner(self, owner: Owner) -> None:
+        self._owners[owner.name] = owner
+        _add(self._live_by_principal, owner.principal, self._live_by_name.get(owner.name, 0))
+
+    def _drop_owner(self, name: str) -> None:
+        owner = self._owners.pop(name)
+        _add(self._live_by_principal, owner.principal, -self._live_by_name.get(name, 0))
+
+    def _set_claim(self, claim: Claim) -> None:
+        self._claims[(claim.kind, claim.key)] = claim
+        self._claims_by_name[claim.plugin_name].add((claim.kind, claim.key))
+
+    def _drop_claim(self, key: ClaimKey) -> None:
+        claim = self._claims.pop(key)
+        keys = self._claims_by_name[claim.plugin_name]
+        keys.discard(key)
+        if not keys:
+            del self._claims_by_name[claim.plugin_name]
+
+
+_WHAT: dict[ClaimKind, str] = {"source": "source", "emitter": "emitter name"}
+
+
+def _claim_keys(registration: Registration) -> Iterator[tuple[str, ClaimKind, str]]:
+    """(field, kind, key) of each source, then of the emitter name, as Register names them."""
+    for source in registration.sources:
+        yield "info.sources", "source", source
+    if registration.emitter_key:
+        yield "info.emitter_name", "emitter", registration.emitter_key
+
+
+def _add(counts: dict[str, int], key: str, delta: int) -> None:
+    """Add to a count, dropping it at zero so names long gone hold no memory."""
+    if not delta:
+        return
+    value = counts.get(key, 0) + delta
+    if value:
+        counts[key] = value
+    else:
+        counts.pop(key, None)
 
 
 def _id(plugin: Plugin) -> str:

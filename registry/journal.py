@@ -3,7 +3,9 @@
 A Register waits for the transaction that holds its change, so it is durable when
 answered, yet 64 concurrent Registers cost a handful of commits, not 64.
 Heartbeats are staged without waking the writer: they ride along with the next
-commit or the periodic flush, and never cost a commit of their own.
+commit or the periodic flush, and never cost a commit of their own. Ownership
+records ride in the batch of the change that made them; a release, which makes no
+revision, is staged on its own and committed like any change.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from registry.catalog import OwnershipChange
 from registry.errors import StoreError
 from registry.model import Change, Plugin
 from registry.store import Batch, Store
@@ -67,14 +70,20 @@ class Journal:
         except TimeoutError:
             log.error("registry journal did not finish its last write in %ss", STOP_TIMEOUT)
 
-    def record(self, change: Change) -> None:
-        """Stage a change; :meth:`commit` makes it durable."""
+    def record(self, change: Change, ownership: OwnershipChange | None = None) -> None:
+        """Stage a change and the ownership it recorded; :meth:`commit` makes both durable."""
         for plugin in change.upserted:
             self._batch.upsert(plugin)
         for plugin in change.removed:
             self._batch.remove(plugin.plugin_id)
         self._batch.revision = change.revision
         self._batch.changes.append(change)
+        if ownership:
+            self._batch.own(ownership)
+
+    def record_ownership(self, ownership: OwnershipChange) -> None:
+        """Stage ownership records that belong to no revision (a release)."""
+        self._batch.own(ownership)
 
     def touch(self, plugin: Plugin) -> None:
         """Stage a plugin's new state lazily (heartbeats): no commit is asked for."""

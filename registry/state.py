@@ -7,6 +7,10 @@ for the group commit that holds it. Once committed, the change is applied to
 ``view``: nobody ever sees a revision that a crash could take back. If a commit
 fails, both are reloaded from the database, which stays the source of truth, and
 writes answer "unavailable" until they are.
+
+Ownership of names and claims (SPEC §6) is held by ``catalog`` alone: only writes
+and their checks need it. It is stored with the change that recorded it, and
+reloaded with the catalog after a failed write.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from registry.catalog import Catalog
+from registry.catalog import Catalog, Released
 from registry.errors import RegistryUnavailable, StoreError
 from registry.journal import Journal
-from registry.model import Change, Plugin, Registration
-from registry.store import Store
+from registry.model import Change, Plugin, Principal, Registration
+from registry.store import Snapshot, Store
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +65,7 @@ class RegistryState:
             StoreError: the database cannot be read.
         """
         snapshot = await self.store.load()
-        self.catalog = Catalog(snapshot.plugins, snapshot.revision)
-        self.view = Catalog(snapshot.plugins, snapshot.revision)
+        self._load(snapshot)
         self.started_at = self.clock()
         self._journal = Journal(
             self.store,
@@ -98,18 +101,71 @@ class RegistryState:
 
     # -- writes ----------------------------------------------------------------
 
-    async def register(self, registration: Registration) -> Plugin:
-        """Store a new instance; durable when this returns.
+    async def register(
+        self,
+        registration: Registration,
+        principal: Principal | None = None,
+        *,
+        max_live_instances: int = 0,
+    ) -> Plugin:
+        """Store a new instance, and the ownership it records; durable when this returns.
+
+        ``principal=None`` is open mode: no ownership is checked or recorded.
+        ``max_live_instances`` (0: off) bounds a non-admin principal's live instances.
 
         Raises:
+            PermissionDenied: the principal may not use the name or a claim.
             AlreadyExists: a claimed source or emitter name has another live owner.
+            ResourceExhausted: the principal has ``max_live_instances`` live instances.
             RegistryUnavailable: the database cannot take writes now.
         """
         journal = self._writer()
-        plugin, change = self.catalog.register(registration, self.clock())
-        journal.record(change)
+        plugin, change, ownership = self.catalog.register(
+            registration, self.clock(), principal, max_live_instances=max_live_instances
+        )
+        journal.record(change, ownership)
         await journal.commit()
         return plugin
+
+    async def release(self, name: str) -> Released | None:
+        """Forget who owns plugin name ``name`` and what it claimed; durable when this returns.
+
+        Live instances are not touched. Idempotent: None when nothing was recorded.
+        Makes no revision: ownership is not part of what watchers see.
+
+        Raises:
+            RegistryUnavailable: the database cannot take writes now.
+        """
+        journal = self._writer()
+        released = None
+        outcome = self.catalog.release(name)
+        if outcome is not None:
+            released, ownership = outcome
+            journal.record_ownership(ownership)
+        # Even with nothing to release: a release in flight is durable when we answer.
+        await journal.commit()
+        return released
+
+    def check_instance_access(self, principal: Principal | None, plugin_id: str) -> Plugin | None:
+        """The instance, if ``principal`` may act on it (heartbeat, unregister, drain).
+
+        None when the id is unknown (nothing to protect: acting on it is a no-op).
+
+        Raises:
+            PermissionDenied: the instance belongs to another principal's plugin name.
+        """
+        plugin = self.catalog.get(plugin_id)
+        if plugin is not None:
+            self.catalog.check_instance_access(principal, plugin)
+        return plugin
+
+    def check_name_access(self, principal: Principal | None, name: str) -> None:
+        """Refuse acting on the instances of another principal's plugin name ``name``.
+
+        Raises:
+            PermissionDenied: the name belongs to another principal.
+        """
+        self.catalog.check_name_access(principal, name)
 
     def heartbeat(self, plugin_id: str) -> Plugin | None:
         """Renew a lease in memory; persisted lazily. None when not acknowledged."""
@@ -157,6 +213,12 @@ class RegistryState:
 
     # -- internals -------------------------------------------------------------
 
+    def _load(self, snapshot: Snapshot) -> None:
+        self.catalog = Catalog(
+            snapshot.plugins, snapshot.revision, owners=snapshot.owners, claims=snapshot.claims
+        )
+        self.view = Catalog(snapshot.plugins, snapshot.revision)
+
     def _writer(self) -> Journal:
         if self._journal is None:
             raise RegistryUnavailable("the registry is not running")
@@ -188,8 +250,7 @@ class RegistryState:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            self.catalog = Catalog(snapshot.plugins, snapshot.revision)
-            self.view = Catalog(snapshot.plugins, snapshot.revision)
+            self._load(snapshot)
             if self._journal is not None:
                 self._journal.reset(snapshot.revision)
             for on_reset in self._reset_listeners:

@@ -18,11 +18,12 @@ from sqlalchemy import bindparam, delete, event, insert, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from registry.catalog import Claim, ClaimKey, ClaimKind, Owner, OwnershipChange
 from registry.errors import StoreError
 from registry.model import Change, Plugin, PluginStatus, PluginType, Registration
-from registry.tables import ChangeRow, PluginRow, RegistryMetaRow
+from registry.tables import ChangeRow, ClaimRow, OwnerRow, PluginRow, RegistryMetaRow
 
 _CHUNK = 500  # ids per IN (...) clause; SQLite caps bound parameters
 
@@ -30,14 +31,18 @@ _CHUNK = 500  # ids per IN (...) clause; SQLite caps bound parameters
 _DELETE_PLUGINS = delete(PluginRow).where(PluginRow.plugin_id.in_(bindparam("ids", expanding=True)))
 _TRIM_CHANGES = delete(ChangeRow).where(ChangeRow.revision <= bindparam("oldest"))
 _INSERT_CHANGES = insert(ChangeRow)
+_DELETE_OWNERS = delete(OwnerRow).where(OwnerRow.name.in_(bindparam("names", expanding=True)))
+_DELETE_CLAIMS = delete(ClaimRow).where(
+    ClaimRow.kind == bindparam("kind"), ClaimRow.key.in_(bindparam("keys", expanding=True))
+)
 
 
-def _upsert(dialect: str, table: Any, key: str) -> Any:
-    """INSERT ... ON CONFLICT (key) DO UPDATE: a new row or a new state, one statement."""
+def _upsert(dialect: str, table: Any, *keys: str) -> Any:
+    """INSERT ... ON CONFLICT (keys) DO UPDATE: a new row or a new state, one statement."""
     module = sqlite if dialect == "sqlite" else postgresql
     statement = module.insert(table)
-    changed = {c.name: statement.excluded[c.name] for c in table.columns if c.name != key}
-    return statement.on_conflict_do_update(index_elements=[key], set_=changed)
+    changed = {c.name: statement.excluded[c.name] for c in table.columns if c.name not in keys}
+    return statement.on_conflict_do_update(index_elements=list(keys), set_=changed)
 
 
 def normalize_url(url: str) -> str:
@@ -62,10 +67,12 @@ def normalize_url(url: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The current state the store holds: the plugins and the global revision."""
+    """The current state the store holds: the plugins, the global revision, ownership."""
 
     plugins: list[Plugin]
     revision: int
+    owners: list[Owner] = field(default_factory=list)
+    claims: list[Claim] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -78,6 +85,9 @@ class Batch:
     # Appended to the change log; entries older than ``retain`` revisions are dropped.
     changes: list[Change] = field(default_factory=list)
     retain: int = 10_000
+    # Ownership records by key: the newest state staged, None when it is gone.
+    owners: dict[str, Owner | None] = field(default_factory=dict)
+    claims: dict[ClaimKey, Claim | None] = field(default_factory=dict)
 
     def upsert(self, plugin: Plugin) -> None:
         self.upserts[plugin.plugin_id] = plugin
@@ -87,8 +97,13 @@ class Batch:
         self.upserts.pop(plugin_id, None)
         self.removals.add(plugin_id)
 
+    def own(self, change: OwnershipChange) -> None:
+        """Stage ownership records; a later state of the same key wins."""
+        self.owners.update(change.owners)
+        self.claims.update(change.claims)
+
     def __bool__(self) -> bool:
-        return bool(self.upserts or self.removals or self.changes)
+        return bool(self.upserts or self.removals or self.changes or self.owners or self.claims)
 
 
 class Store(Protocol):
@@ -108,6 +123,8 @@ class SqlStore:
         self.engine = engine
         self._upsert_plugins = _upsert(engine.dialect.name, PluginRow.__table__, "plugin_id")
         self._upsert_meta = _upsert(engine.dialect.name, RegistryMetaRow.__table__, "id")
+        self._upsert_owners = _upsert(engine.dialect.name, OwnerRow.__table__, "name")
+        self._upsert_claims = _upsert(engine.dialect.name, ClaimRow.__table__, "kind", "key")
 
     @classmethod
     def open(cls, url: str) -> SqlStore:
@@ -133,7 +150,9 @@ class SqlStore:
         return cls(engine)
 
     async def load(self) -> Snapshot:
-        """Read every plugin and the revision (not the change log: :meth:`load_history`).
+        """Read every plugin, the revision and ownership, in one transaction.
+
+        Not the change log: :meth:`load_history` reads that.
 
         Raises:
             StoreError: the database failed.
@@ -144,9 +163,19 @@ class SqlStore:
                 revision = await conn.scalar(
                     select(RegistryMetaRow.revision).where(RegistryMetaRow.id == 1)
                 )
+                owners = (await conn.execute(select(*OwnerRow.__table__.columns))).all()
+                claims = (await conn.execute(select(*ClaimRow.__table__.columns))).all()
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"cannot load the registry: {exc}") from exc
-        return Snapshot([_plugin_from_row(r) for r in rows], revision or 0)
+        return Snapshot(
+            [_plugin_from_row(r) for r in rows],
+            revision or 0,
+            owners=[Owner(r.name, r.principal, r.claimed_at) for r in owners],
+            claims=[
+                Claim(_KINDS[r.kind], r.key, r.principal, r.plugin_name, r.claimed_at)
+                for r in claims
+            ],
+        )
 
     async def load_history(self) -> list[Change]:
         """Read the retained change log, oldest first.
@@ -186,9 +215,29 @@ class SqlStore:
                     ]
                     await conn.execute(_INSERT_CHANGES, entries)
                     await conn.execute(_TRIM_CHANGES, {"oldest": batch.revision - batch.retain})
+                # Ownership in the same transaction: a Register answered is durable
+                # together with what it recorded, or neither is stored.
+                await self._write_ownership(conn, batch)
                 await conn.execute(self._upsert_meta, {"id": 1, "revision": batch.revision})
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"cannot write to the registry database: {exc}") from exc
+
+    async def _write_ownership(self, conn: AsyncConnection, batch: Batch) -> None:
+        gone = sorted(name for name, owner in batch.owners.items() if owner is None)
+        for chunk in _chunks(gone):
+            await conn.execute(_DELETE_OWNERS, {"names": list(chunk)})
+        owners = [_owner_row(o) for o in batch.owners.values() if o is not None]
+        if owners:
+            await conn.execute(self._upsert_owners, owners)
+        for kind in _KINDS:
+            keys = sorted(
+                k for (c, k), claim in batch.claims.items() if c == kind and claim is None
+            )
+            for chunk in _chunks(keys):
+                await conn.execute(_DELETE_CLAIMS, {"kind": kind, "keys": list(chunk)})
+        claims = [_claim_row(c) for c in batch.claims.values() if c is not None]
+        if claims:
+            await conn.execute(self._upsert_claims, claims)
 
     async def ping(self) -> None:
         """Raises StoreError when the database does not answer."""
@@ -278,6 +327,21 @@ def _plugin_from_row(row: Any) -> Plugin:
     )
 
 
+def _owner_row(owner: Owner) -> dict[str, Any]:
+    return {"name": owner.name, "principal": owner.principal, "claimed_at": owner.claimed_at}
+
+
+def _claim_row(claim: Claim) -> dict[str, Any]:
+    return {
+        "kind": claim.kind,
+        "key": claim.key,
+        "principal": claim.principal,
+        "plugin_name": claim.plugin_name,
+        "claimed_at": claim.claimed_at,
+    }
+
+
+_KINDS: dict[str, ClaimKind] = {"source": "source", "emitter": "emitter"}
 # Enum lookups by value: calling the enum class is slow over 10,000 rows.
 _TYPES = {t.value: t for t in PluginType}
 _STATUSES = {s.value: s for s in PluginStatus}

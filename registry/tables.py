@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Integer, MetaData, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -89,3 +99,29 @@ class RegistryMetaRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     revision: Mapped[int] = mapped_column(BigInteger)
+
+
+class OwnerRow(Base):
+    """The principal that owns a plugin name (SPEC §6), until an admin releases it.
+
+    Outlives every instance of the name, so it is not tied to the plugins table.
+    """
+
+    __tablename__ = "owners"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    principal: Mapped[str] = mapped_column(String(255))
+    claimed_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class ClaimRow(Base):
+    """A source or emitter name claimed by a principal for one of its plugin names."""
+
+    __tablename__ = "claims"
+    __table_args__ = (CheckConstraint("kind IN ('source', 'emitter')", name="kind"),)
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    principal: Mapped[str] = mapped_column(String(255))
+    plugin_name: Mapped[str] = mapped_column(String(63))
+    claimed_at: Mapped[datetime] = mapped_column(UtcDateTime)

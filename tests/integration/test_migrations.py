@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -12,7 +14,8 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
 from registry.migrate import alembic_config, upgrade
-from registry.store import SqlStore
+from registry.model import Change, Plugin, PluginStatus, PluginType, Registration
+from registry.store import Batch, SqlStore
 from registry.tables import Base
 
 
@@ -92,3 +95,79 @@ async def test_upgrade_keeps_data(engine):
     await upgrade(engine)
     async with engine.connect() as conn:
         assert (await conn.execute(text("SELECT revision FROM registry_meta"))).scalar() == 42
+
+
+async def to_revision(engine, action: str, revision: str) -> None:
+    """``alembic upgrade|downgrade REVISION`` on a connection of ``engine``."""
+
+    def run(connection: Connection) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        getattr(command, action)(config, revision)
+
+    async with engine.begin() as conn:
+        await conn.run_sync(run)
+
+
+async def versions(engine) -> list[tuple[str]]:
+    async with engine.connect() as conn:
+        return [
+            tuple(r) for r in await conn.execute(text("SELECT version_num FROM alembic_version"))
+        ]
+
+
+def registered(name: str, revision: int) -> Plugin:
+    moment = datetime(2026, 5, 6, 7, 8, 9, tzinfo=UTC)
+    return Plugin(
+        plugin_id=f"01J0000000000000000000000{revision}",
+        registration=Registration(
+            name=name, type=PluginType.INGESTOR, address=f"{name}:1", sources=(name,)
+        ),
+        status=PluginStatus.HEALTHY,
+        registered_at=moment,
+        revision=revision,
+        status_since=moment,
+    )
+
+
+async def test_a_database_at_0002_upgrades_in_place_and_back(database_url: str):
+    """The ownership tables come and go; plugins, revision and change log stay."""
+    store = SqlStore.open(database_url)
+    try:
+        await to_revision(store.engine, "upgrade", "0002")
+        assert await versions(store.engine) == [("0002",)]
+        kept, gone = registered("kept", 1), registered("gone", 2)
+        batch = Batch(revision=3)  # what a registry at 0002 wrote: no ownership
+        batch.upsert(kept)
+        batch.changes = [
+            Change(1, upserted=(kept,)),
+            Change(2, upserted=(gone,)),
+            Change(3, removed=(gone,)),
+        ]
+        await store.write(batch)
+
+        await upgrade(store.engine)
+        assert await versions(store.engine) == [(head(),)]
+        snapshot = await store.load()
+        assert snapshot.plugins == [kept]
+        assert snapshot.revision == 3
+        assert (snapshot.owners, snapshot.claims) == ([], [])
+        assert await store.load_history() == batch.changes
+        async with store.engine.connect() as conn:
+            assert await conn.run_sync(differences) == []
+
+        await to_revision(store.engine, "downgrade", "0002")
+        assert await versions(store.engine) == [("0002",)]
+        async with store.engine.connect() as conn:
+            tables = set(await conn.run_sync(lambda c: inspect(c).get_table_names()))
+            meta = (await conn.execute(text("SELECT revision FROM registry_meta"))).scalar()
+            plugins = (await conn.execute(text("SELECT plugin_id FROM plugins"))).all()
+        assert tables == {"alembic_version", "plugins", "registry_meta", "changes"}
+        assert meta == 3
+        assert plugins == [(kept.plugin_id,)]
+        assert await store.load_history() == batch.changes
+
+        await upgrade(store.engine)  # and up again, over the same rows
+        assert (await store.load()).plugins == [kept]
+    finally:
+        await store.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from registry import RegistryClient, RegistryServer, RegistrySettings, StoreError
+from registry.catalog import Claim, Owner, OwnershipChange
 from registry.migrate import upgrade
 from registry.model import Change, Plugin, PluginStatus, PluginType, Registration
 from registry.store import Batch, SqlStore, normalize_url
@@ -164,6 +165,92 @@ def test_batch_upsert_and_remove_cancel_each_other():
     batch.upsert(a)
     assert batch.removals == set()
     assert batch
+
+
+# -- ownership --------------------------------------------------------------------
+
+
+async def test_ownership_round_trips_and_goes_when_released(store):
+    # Another zone on the way in; UTC on the way out.
+    moment = datetime(2026, 3, 4, 8, 6, 7, 123456, tzinfo=timezone(timedelta(hours=3)))
+    owners = [Owner("alpha", "team-a", T0), Owner("es-writer", "spiffe://x/team-a", moment)]
+    claims = [
+        Claim("source", "k8s", "team-a", "alpha", T0),
+        Claim("source", "a/b:c", "team-a", "alpha", T0),
+        Claim("emitter", "elastic", "spiffe://x/team-a", "es-writer", moment),
+        # The same key as a source and as an emitter name: two claims.
+        Claim("emitter", "k8s", "team-a", "alpha", T0),
+    ]
+    first = Batch(revision=0)
+    first.own(
+        OwnershipChange(
+            owners={o.name: o for o in owners}, claims={(c.kind, c.key): c for c in claims}
+        )
+    )
+    assert first
+    await store.write(first)
+    snapshot = await store.load()
+    assert sorted(snapshot.owners, key=lambda o: o.name) == owners
+    assert {(c.kind, c.key): c for c in snapshot.claims} == {(c.kind, c.key): c for c in claims}
+    assert snapshot.owners[1].claimed_at.utcoffset() == timedelta(0)
+    assert snapshot.plugins == []
+    assert snapshot.revision == 0
+
+    # A release and a new owner of another name in one batch; unknown keys are harmless.
+    second = Batch(revision=0)
+    second.own(
+        OwnershipChange(
+            owners={"alpha": None, "nobody": None, "beta": Owner("beta", "team-b", T0)},
+            claims={
+                ("source", "k8s"): None,
+                ("source", "a/b:c"): None,
+                ("emitter", "k8s"): None,
+                ("source", "never"): None,
+                ("emitter", "elastic"): Claim("emitter", "elastic", "team-b", "beta", T0),
+            },
+        )
+    )
+    await store.write(second)
+    snapshot = await store.load()
+    assert sorted(snapshot.owners, key=lambda o: o.name) == [
+        Owner("beta", "team-b", T0),
+        Owner("es-writer", "spiffe://x/team-a", moment),
+    ]
+    assert snapshot.claims == [Claim("emitter", "elastic", "team-b", "beta", T0)]
+
+
+def test_a_batch_keeps_the_last_state_of_each_ownership_record():
+    batch = Batch()
+    batch.own(OwnershipChange(owners={"alpha": Owner("alpha", "team-a", T0)}))
+    batch.own(OwnershipChange(owners={"alpha": None}))
+    assert batch.owners == {"alpha": None}
+    assert batch  # a deletion is a write too
+
+
+async def test_ownership_rows_are_in_the_transaction_of_the_batch(store):
+    """A claim the database refuses takes the plugin and its owner down with it."""
+    a = plugin("alpha")
+    batch = Batch(revision=1)
+    batch.upsert(a)
+    batch.changes = [Change(1, upserted=(a,))]
+    batch.own(
+        OwnershipChange(
+            owners={"alpha": Owner("alpha", "team-a", T0)},
+            claims={
+                ("source", "alpha-a"): Claim("source", "alpha-a", "team-a", "alpha", T0),
+                # Breaks the CHECK on kind: the last statement of the transaction fails.
+                ("bogus", "x"): Claim("bogus", "x", "team-a", "alpha", T0),  # type: ignore
+            },
+        )
+    )
+    with pytest.raises(StoreError):
+        await store.write(batch)
+    snapshot = await store.load()
+    assert snapshot.plugins == []
+    assert snapshot.owners == []
+    assert snapshot.claims == []
+    assert snapshot.revision == 0
+    assert await store.load_history() == []
 
 
 # -- failures -------------------------------------------------------------------

@@ -49,7 +49,7 @@ def set_status(
 
 def test_register_adds_an_unknown_instance_in_one_change():
     catalog = Catalog()
-    plugin, change = catalog.register(ingestor("a", "k8s"), T0)
+    plugin, change, _ = catalog.register(ingestor("a", "k8s"), T0)
     assert ULID_PATTERN.match(plugin.plugin_id)
     assert plugin.status is PluginStatus.UNKNOWN
     assert plugin.registered_at == T0
@@ -64,21 +64,22 @@ def test_register_adds_an_unknown_instance_in_one_change():
 
 
 def test_an_instance_without_lease_has_no_heartbeat():
-    plugin, _ = Catalog().register(ingestor("a", ttl=0), T0)
+    plugin = Catalog().register(ingestor("a", ttl=0), T0).plugin
     assert plugin.last_heartbeat_at is None
 
 
 def test_every_register_gets_a_fresh_id():
     catalog = Catalog()
-    ids = {catalog.register(ingestor("a", address="h:1"), T0)[0].plugin_id for _ in range(50)}
+    ids = {catalog.register(ingestor("a", address="h:1"), T0).plugin.plugin_id for _ in range(50)}
     assert len(ids) == 50
 
 
 def test_same_name_and_address_replaces_in_one_change():
     catalog = Catalog()
-    old, _ = catalog.register(ingestor("a", "k8s", address="h:1"), T0)
-    new, change = catalog.register(ingestor("a", "k8s", "extra", address="h:1"), T1)
+    old = catalog.register(ingestor("a", "k8s", address="h:1"), T0).plugin
+    new, change, ownership = catalog.register(ingestor("a", "k8s", "extra", address="h:1"), T1)
     assert change == Change(revision=2, upserted=(new,), removed=(old,))
+    assert ownership is None  # open mode records no ownership
     assert catalog.revision == 2
     assert catalog.get(old.plugin_id) is None
     assert list(catalog) == [new]
@@ -89,18 +90,18 @@ def test_same_name_and_address_replaces_in_one_change():
 def test_replacement_drops_the_sources_the_new_instance_no_longer_claims():
     catalog = Catalog()
     catalog.register(ingestor("a", "old-source", address="h:1"), T0)
-    new, _ = catalog.register(ingestor("a", "new-source", address="h:1"), T1)
+    new = catalog.register(ingestor("a", "new-source", address="h:1"), T1).plugin
     assert catalog.by_source("old-source") == []
     # The dropped source is free for anyone.
-    other, _ = catalog.register(ingestor("b", "old-source"), T1)
+    other = catalog.register(ingestor("b", "old-source"), T1).plugin
     assert catalog.by_source("old-source") == [other]
     assert catalog.by_source("new-source") == [new]
 
 
 def test_same_name_on_another_address_is_a_replica():
     catalog = Catalog()
-    first, _ = catalog.register(ingestor("a", "k8s", address="h:1"), T0)
-    second, change = catalog.register(ingestor("a", "k8s", address="h:2"), T0)
+    first = catalog.register(ingestor("a", "k8s", address="h:1"), T0).plugin
+    second, change, _ = catalog.register(ingestor("a", "k8s", address="h:2"), T0)
     assert change.removed == ()
     assert {p.plugin_id for p in catalog.by_source("k8s")} == {first.plugin_id, second.plugin_id}
 
@@ -110,13 +111,13 @@ def test_same_name_on_another_address_is_a_replica():
 
 def test_a_source_of_a_live_owner_is_refused_and_nothing_changes():
     catalog = Catalog()
-    owner, _ = catalog.register(ingestor("owner", "k8s", "syslog"), T0)
+    owner = catalog.register(ingestor("owner", "k8s", "syslog"), T0).plugin
     with pytest.raises(AlreadyExists) as caught:
         catalog.register(ingestor("thief", "mine", "syslog"), T1)
-    message = str(caught.value)
-    assert "'owner'" in message
-    assert "'syslog'" in message
-    assert owner.plugin_id in message
+    # The owner's name only: never its id or address, which are another party's.
+    assert str(caught.value) == (
+        "info.sources: source 'syslog' belongs to plugin 'owner', which has a live instance"
+    )
     assert catalog.revision == 1
     assert list(catalog) == [owner]
     assert catalog.by_source("mine") == []
@@ -125,7 +126,7 @@ def test_a_source_of_a_live_owner_is_refused_and_nothing_changes():
 @pytest.mark.parametrize("status", [PluginStatus.UNKNOWN, PluginStatus.UNHEALTHY])
 def test_an_unhealthy_owner_still_holds_its_sources(status):
     catalog = Catalog()
-    owner, _ = catalog.register(ingestor("owner", "k8s"), T0)
+    owner = catalog.register(ingestor("owner", "k8s"), T0).plugin
     if status is not PluginStatus.UNKNOWN:
         set_status(catalog, owner, status)
     with pytest.raises(AlreadyExists):
@@ -134,28 +135,30 @@ def test_an_unhealthy_owner_still_holds_its_sources(status):
 
 def test_an_expired_owner_gives_its_sources_up():
     catalog = Catalog()
-    owner, _ = catalog.register(ingestor("owner", "k8s"), T0)
+    owner = catalog.register(ingestor("owner", "k8s"), T0).plugin
     set_status(catalog, owner, PluginStatus.EXPIRED)
-    thief, _ = catalog.register(ingestor("thief", "k8s"), T1)
+    thief = catalog.register(ingestor("thief", "k8s"), T1).plugin
     assert {p.plugin_id for p in catalog.by_source("k8s")} == {owner.plugin_id, thief.plugin_id}
 
 
 def test_a_removed_owner_gives_its_sources_up():
     catalog = Catalog()
-    owner, _ = catalog.register(ingestor("owner", "k8s"), T0)
+    owner = catalog.register(ingestor("owner", "k8s"), T0).plugin
     catalog.remove([owner.plugin_id])
-    thief, _ = catalog.register(ingestor("thief", "k8s"), T1)
+    thief = catalog.register(ingestor("thief", "k8s"), T1).plugin
     assert catalog.by_source("k8s") == [thief]
 
 
 def test_an_emitter_name_belongs_to_one_plugin_name():
     catalog = Catalog()
-    owner, _ = catalog.register(emitter("es-writer", "elastic"), T0)
+    owner = catalog.register(emitter("es-writer", "elastic"), T0).plugin
     with pytest.raises(AlreadyExists) as caught:
         catalog.register(emitter("other", "elastic"), T1)
-    assert "'es-writer'" in str(caught.value)
-    assert "emitter" in str(caught.value)
-    replica, _ = catalog.register(emitter("es-writer", "elastic", address="h:2"), T1)
+    assert str(caught.value) == (
+        "info.emitter_name: emitter name 'elastic' belongs to plugin 'es-writer', "
+        "which has a live instance"
+    )
+    replica = catalog.register(emitter("es-writer", "elastic", address="h:2"), T1).plugin
     assert [p.plugin_id for p in catalog.by_emitter("elastic")] == sorted(
         [owner.plugin_id, replica.plugin_id]
     )
@@ -172,7 +175,7 @@ def test_an_emitter_without_emitter_name_owns_its_plugin_name():
 def test_sources_and_emitter_names_are_separate():
     catalog = Catalog()
     catalog.register(ingestor("a", "shared-name"), T0)
-    plugin, _ = catalog.register(emitter("b", "shared-name"), T0)
+    plugin = catalog.register(emitter("b", "shared-name"), T0).plugin
     assert catalog.by_emitter("shared-name") == [plugin]
     assert [p.name for p in catalog.by_source("shared-name")] == ["a"]
 
@@ -182,7 +185,7 @@ def test_sources_and_emitter_names_are_separate():
 
 def test_heartbeat_of_a_live_plugin_renews_without_a_revision():
     catalog = Catalog()
-    plugin, _ = catalog.register(ingestor("a"), T0)
+    plugin = catalog.register(ingestor("a"), T0).plugin
     beat = catalog.heartbeat(plugin.plugin_id, T1)
     assert beat is not None
     assert beat.last_heartbeat_at == T1
@@ -195,7 +198,7 @@ def test_heartbeat_of_a_live_plugin_renews_without_a_revision():
 
 def test_heartbeat_of_an_expired_plugin_is_refused():
     catalog = Catalog()
-    plugin, _ = catalog.register(ingestor("a"), T0)
+    plugin = catalog.register(ingestor("a"), T0).plugin
     set_status(catalog, plugin, PluginStatus.EXPIRED)
     assert catalog.heartbeat(plugin.plugin_id, T1) is None
 
@@ -203,14 +206,14 @@ def test_heartbeat_of_an_expired_plugin_is_refused():
 @pytest.mark.parametrize("status", [PluginStatus.HEALTHY, PluginStatus.UNHEALTHY])
 def test_heartbeat_of_a_checked_plugin_is_acknowledged(status):
     catalog = Catalog()
-    plugin, _ = catalog.register(ingestor("a"), T0)
+    plugin = catalog.register(ingestor("a"), T0).plugin
     set_status(catalog, plugin, status)
     assert catalog.heartbeat(plugin.plugin_id, T1) is not None
 
 
 def test_heartbeat_of_an_unknown_or_replaced_id_is_refused():
     catalog = Catalog()
-    old, _ = catalog.register(ingestor("a", address="h:1"), T0)
+    old = catalog.register(ingestor("a", address="h:1"), T0).plugin
     catalog.register(ingestor("a", address="h:1"), T0)
     assert catalog.heartbeat(old.plugin_id, T1) is None
     assert catalog.heartbeat("01ARZ3NDEKTSV4RRFFQ69G5FAV", T1) is None
@@ -222,8 +225,8 @@ def test_heartbeat_of_an_unknown_or_replaced_id_is_refused():
 
 def test_remove_is_one_change_and_idempotent():
     catalog = Catalog()
-    a, _ = catalog.register(ingestor("a"), T0)
-    b, _ = catalog.register(ingestor("b"), T0)
+    a = catalog.register(ingestor("a"), T0).plugin
+    b = catalog.register(ingestor("b"), T0).plugin
     change = catalog.remove([a.plugin_id, "unknown", a.plugin_id, b.plugin_id])
     assert change == Change(revision=3, removed=(a, b))
     assert change.removed_ids == [a.plugin_id, b.plugin_id]
@@ -239,8 +242,8 @@ def test_remove_is_one_change_and_idempotent():
 
 def test_update_changes_status_in_one_revision():
     catalog = Catalog()
-    a, _ = catalog.register(ingestor("a"), T0)
-    b, _ = catalog.register(ingestor("b"), T0)
+    a = catalog.register(ingestor("a"), T0).plugin
+    b = catalog.register(ingestor("b"), T0).plugin
     change = catalog.update(
         [
             dataclasses.replace(a, status=PluginStatus.HEALTHY),
@@ -269,10 +272,10 @@ def test_update_changes_status_in_one_revision():
 def populated() -> tuple[Catalog, dict[str, Plugin]]:
     catalog = Catalog()
     plugins = {
-        "a1": catalog.register(ingestor("a", "k8s", "syslog", address="h:1"), T0)[0],
-        "a2": catalog.register(ingestor("a", "k8s", "syslog", address="h:2"), T0)[0],
-        "b": catalog.register(ingestor("b", "audit"), T0)[0],
-        "e": catalog.register(emitter("e"), T0)[0],
+        "a1": catalog.register(ingestor("a", "k8s", "syslog", address="h:1"), T0).plugin,
+        "a2": catalog.register(ingestor("a", "k8s", "syslog", address="h:2"), T0).plugin,
+        "b": catalog.register(ingestor("b", "audit"), T0).plugin,
+        "e": catalog.register(emitter("e"), T0).plugin,
     }
     set_status(catalog, plugins["a2"], PluginStatus.HEALTHY)
     set_status(catalog, plugins["e"], PluginStatus.UNHEALTHY)
@@ -320,13 +323,13 @@ def test_select_after_continues_without_duplicates_or_gaps(populated):
 
 def test_a_catalog_loaded_from_plugins_keeps_the_rules():
     first = Catalog()
-    owner, _ = first.register(ingestor("owner", "k8s", address="h:1"), T0)
+    owner = first.register(ingestor("owner", "k8s", address="h:1"), T0).plugin
     loaded = Catalog([owner], revision=first.revision)
     assert loaded.revision == 1
     assert loaded.by_source("k8s") == [owner]
     with pytest.raises(AlreadyExists):
         loaded.register(ingestor("thief", "k8s"), T1)
-    new, change = loaded.register(ingestor("owner", "k8s", address="h:1"), T1)
+    new, change, _ = loaded.register(ingestor("owner", "k8s", address="h:1"), T1)
     assert change.removed_ids == [owner.plugin_id]
     assert change.revision == 2
     assert loaded.by_source("k8s") == [new]
