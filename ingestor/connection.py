@@ -3,6 +3,11 @@
 A ``grpc.aio`` channel belongs to the loop it was made on, so an ingestor used from
 its caller's loop and from the sync bridge keeps one pool for each. A pool is only
 touched from its own loop's thread.
+
+Every channel is opened through the registry's one door for addresses
+(:mod:`registry.trust.dial`): the endpoint is parsed and vetted by the address policy
+(a host name resolved) before each new channel, which goes to the vetted IP. A refused
+endpoint is a :class:`PluginConnectionError` and nothing is dialled.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from collections.abc import Collection, Iterable
 import grpc
 
 from ingestor.errors import PluginConnectionError
-from registry.client import open_channel
+from registry.errors import InvalidArgument
+from registry.trust.addresses import AddressRefused
+from registry.trust.dial import PluginDialer
 from registry.wire import pb_grpc
 
 log = logging.getLogger(__name__)
@@ -32,9 +39,9 @@ _OWN_SUBCHANNELS = ("grpc.use_local_subchannel_pool", 1)
 class PluginConnection:
     """A channel and an ``IngestorPlugin`` stub to one endpoint; connects lazily."""
 
-    def __init__(self, address: str, options: Iterable[tuple[str, int | str]] = ()) -> None:
+    def __init__(self, address: str, channel: grpc.aio.Channel) -> None:
         self.address = address
-        self.channel = open_channel(address, [_OWN_SUBCHANNELS, *options])
+        self.channel = channel
         self.stub = pb_grpc.IngestorPluginStub(self.channel)
         self.ready = False
         # Set when this pool dropped it: a call cancelled by its closing was not the caller's.
@@ -77,19 +84,45 @@ class ConnectionPool:
     """The connections one ingestor holds on one event loop."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, options: Iterable[tuple[str, int | str]] = ()
+        self,
+        loop: asyncio.AbstractEventLoop,
+        dialer: PluginDialer,
+        options: Iterable[tuple[str, int | str]] = (),
     ) -> None:
         self.loop = loop
-        self._options = list(options)
+        self._dialer = dialer
+        self._options = [_OWN_SUBCHANNELS, *options]
         self._connections: dict[str, PluginConnection] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
-    def get(self, address: str) -> PluginConnection:
-        """The cached connection to ``address``, made (not yet connected) when missing."""
+    async def open(self, address: str) -> PluginConnection:
+        """The cached connection to ``address``; vetted and made (not connected) when missing.
+
+        Raises:
+            PluginConnectionError: the address does not parse or the address policy
+                refuses it ("address policy" in the message); nothing was dialled.
+        Cancellation abandons the vetting (a DNS lookup).
+        """
         connection = self._connections.get(address)
+        if connection is not None:
+            return connection
+        try:
+            target = await self._dialer.vet(address)
+        except AddressRefused as exc:
+            raise PluginConnectionError(
+                f"not dialling plugin at {address}: refused by the address policy ({exc.why})",
+                address=address,
+            ) from exc
+        except InvalidArgument as exc:
+            raise PluginConnectionError(
+                f"not dialling plugin at {address}: refused by the address policy "
+                f"(not a valid plugin address: {exc.reason})",
+                address=address,
+            ) from exc
+        connection = self._connections.get(address)  # another call may have made it meanwhile
         if connection is None:
-            connection = PluginConnection(address, self._options)
-            self._connections[address] = connection
+            channel = self._dialer.open(target, self._options)
+            connection = self._connections[address] = PluginConnection(address, channel)
         return connection
 
     def __len__(self) -> int:

@@ -27,6 +27,10 @@ from ingestor.context import IngestContext
 from ingestor.errors import PluginConnectionError, PluginError, PluginTransformError
 from ingestor.resolver import RegistryResolver
 from ingestor.view import Endpoint, ResolverView
+from registry.errors import InvalidArgument
+from registry.trust.addresses import AddressPolicy, HostResolver, SystemResolver, parse_address
+from registry.trust.dial import PluginCredentials, PluginDialer
+from registry.trust.tls import TlsFiles
 from registry.wire import event_pb, pb
 
 log = logging.getLogger(__name__)
@@ -78,8 +82,18 @@ class ExternalIngestor(Closing):
 
     The ingestor does not own ``resolver``: close that yourself (it is meant to be shared).
 
+    Every endpoint (``address``, or each one the resolver gives) is parsed and vetted
+    by ``address_policy`` before a channel is opened to it (default: loopback and the
+    private ranges, :meth:`AddressPolicy.gateway_default`); a host name is resolved by
+    ``host_resolver`` (default: the system's) and dialled at the IP it was vetted at.
+    A refused endpoint raises PluginConnectionError naming the address policy, is never
+    dialled, and counts like an unreachable one (another instance is tried).
+    ``tls``: the CA that verifies ``https://`` plugins (the system roots without one)
+    and, for mTLS, this side's certificate and key; the files are read here, once.
+
     Raises (constructor):
-        ValueError: neither or both of ``address`` and ``resolver``, or a bad timeout.
+        ValueError: neither or both of ``address`` and ``resolver``, a bad timeout, an
+            ``address`` that does not parse, or unusable ``tls`` files.
     """
 
     def __init__(
@@ -92,11 +106,24 @@ class ExternalIngestor(Closing):
         ingest_timeout: float = DEFAULT_INGEST_TIMEOUT,
         breaker: BreakerSettings | None = None,
         channel_options: Iterable[tuple[str, int | str]] = (),
+        address_policy: AddressPolicy | None = None,
+        host_resolver: HostResolver | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         if (address is None) == (resolver is None):
             raise ValueError("give exactly one of address and resolver")
         if connect_timeout <= 0 or ingest_timeout <= 0:
             raise ValueError("connect_timeout and ingest_timeout must be positive")
+        if address is not None:
+            try:
+                parse_address("address", address)
+            except InvalidArgument as exc:
+                raise ValueError(str(exc)) from exc
+        self._dialer = PluginDialer(
+            address_policy if address_policy is not None else AddressPolicy.gateway_default(),
+            host_resolver if host_resolver is not None else SystemResolver(),
+            PluginCredentials(tls) if tls is not None else None,
+        )
         self.source = source
         self.address = address
         self.resolver = resolver
@@ -128,7 +155,8 @@ class ExternalIngestor(Closing):
 
         Raises:
             PluginConnectionError: no plugin could be reached (connect failure,
-                UNAVAILABLE, DEADLINE_EXCEEDED, no routable plugin, a stale view).
+                UNAVAILABLE, DEADLINE_EXCEEDED, no routable plugin, a stale view, an
+                endpoint the address policy refuses).
             PluginTransformError: the plugin returned errors and no events, or answered
                 with another error status.
             PluginError: the ingestor is closed.
@@ -184,7 +212,7 @@ class ExternalIngestor(Closing):
         pool = self._pool()
         endpoints = await self._endpoints()
         endpoint = endpoints[next(self._turn) % len(endpoints)]
-        connection = pool.get(endpoint.address)
+        connection = await pool.open(endpoint.address)
         try:
             await connection.connect(self.connect_timeout)
             response: pb.PluginHealthResponse = await connection.stub.Health(
@@ -276,7 +304,8 @@ class ExternalIngestor(Closing):
                 # Loops that ended took their channels with them.
                 for old in [lp for lp in self._pools if lp.is_closed()]:
                     del self._pools[old]
-                pool = self._pools[loop] = ConnectionPool(loop, self._channel_options)
+                pool = ConnectionPool(loop, self._dialer, self._channel_options)
+                self._pools[loop] = pool
             return pool
 
     def _shut(self) -> list[ConnectionPool]:
@@ -343,7 +372,14 @@ class ExternalIngestor(Closing):
             PluginTransformError: another error status (the plugin is up).
         """
         breaker = self._breaker(endpoint.address)
-        connection = pool.get(endpoint.address)
+        try:
+            connection = await pool.open(endpoint.address)
+        except PluginConnectionError as exc:  # refused by the address policy: not dialled
+            breaker.failure()
+            raise _Unreachable(exc, retry=True) from exc
+        except BaseException:
+            breaker.release()
+            raise
         try:
             if not connection.ready:
                 await connection.connect(self.connect_timeout)

@@ -13,6 +13,14 @@ under a second rather than after interval x threshold.
 
 Status changes are written in batches (whatever finished meanwhile goes in one
 revision); a check that changes no status is kept in memory and persisted lazily.
+
+Every channel is made to a vetted target (SPEC §6 "Address policy"): the stored address
+is parsed and judged by the address policy, a host name resolved, and the channel goes
+to the vetted IP. A refused or unparsable address is never dialled; that check fails
+with "refused by the address policy". A cached channel whose live connection broke is
+dropped, so the next check vets and resolves again. ``last_error`` is in fixed words
+per outcome and never carries what the peer sent, except a plugin's own unhealthy
+message, made printable and cut to :data:`MAX_PLUGIN_MESSAGE` characters.
 """
 
 from __future__ import annotations
@@ -27,23 +35,47 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf.empty_pb2 import Empty
 
-from registry.client import open_channel
-from registry.errors import RegistryUnavailable
+from registry.errors import InvalidArgument, RegistryUnavailable
 from registry.model import Change, Plugin, PluginStatus, PluginType
 from registry.state import RegistryState
+from registry.trust.addresses import (
+    AddressPolicy,
+    AddressRefused,
+    DialTarget,
+    HostResolver,
+    SystemResolver,
+)
+from registry.trust.dial import PluginCredentials, PluginDialer
 from registry.wire import pb_grpc
 
 log = logging.getLogger(__name__)
 
+# How much of a plugin's own "unhealthy" message last_error keeps.
+MAX_PLUGIN_MESSAGE = 256
+
+
+def _loopback_only() -> AddressPolicy:
+    return AddressPolicy.default("127.0.0.1:0")
+
 
 @dataclass(frozen=True, slots=True)
 class CheckSettings:
+    """How plugins are checked. Durations are in seconds.
+
+    ``address_policy`` decides which addresses are dialled (default: loopback only),
+    ``resolver`` resolves host names before each new channel, ``plugin_tls`` verifies
+    ``https://`` plugins (None: the system roots).
+    """
+
     interval: float = 10.0
     timeout: float = 2.0
     unhealthy_threshold: int = 3
     healthy_threshold: int = 2
     concurrency: int = 256
     suspect_retry: float = 0.1
+    address_policy: AddressPolicy = field(default_factory=_loopback_only)
+    resolver: HostResolver = field(default_factory=SystemResolver)
+    plugin_tls: PluginCredentials | None = None
 
 
 @dataclass(slots=True)
@@ -56,10 +88,20 @@ class _Streak:
 @dataclass(slots=True)
 class _Channel:
     channel: grpc.aio.Channel
+    target: DialTarget
     ingestor: pb_grpc.IngestorPluginStub
     emitter: pb_grpc.EmitterPluginStub
     users: set[str] = field(default_factory=set)
     watcher: asyncio.Task[None] | None = None
+    closed: bool = False
+
+
+class _Refused(Exception):
+    """The address is not dialled; ``error`` is the check's last_error."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 class HealthChecker:
@@ -71,6 +113,9 @@ class HealthChecker:
         self._streaks: dict[str, _Streak] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._channels: dict[str, _Channel] = {}
+        self._dialer = PluginDialer(settings.address_policy, settings.resolver, settings.plugin_tls)
+        # One vetting (parse, policy, DNS) in flight per address, shared by its checks.
+        self._vetting: dict[str, asyncio.Task[DialTarget]] = {}
         # Which channel each checked plugin uses, so forgetting one touches one channel.
         self._address_of: dict[str, str] = {}
         self._checks: set[asyncio.Task[None]] = set()
@@ -98,11 +143,13 @@ class HealthChecker:
         self._timers.clear()
         tasks = [*self._checks, *filter(None, [self._flusher])]
         tasks += [c.watcher for c in self._channels.values() if c.watcher is not None]
-        for task in tasks:
+        vetting, self._vetting = list(self._vetting.values()), {}
+        for task in [*tasks, *vetting]:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await asyncio.gather(*vetting, return_exceptions=True)
         self._flusher = None
         channels, self._channels = self._channels, {}
         for entry in channels.values():
@@ -179,15 +226,37 @@ class HealthChecker:
             self._schedule(plugin_id, delay)
 
     async def _probe(self, plugin: Plugin) -> tuple[bool, str]:
-        entry = self._channel(plugin)
+        try:
+            entry = await self._channel(plugin)
+        except _Refused as refused:
+            return False, refused.error
         stub = entry.emitter if plugin.registration.type is PluginType.EMITTER else entry.ingestor
         try:
             response = await stub.Health(Empty(), timeout=self._settings.timeout)
         except grpc.aio.AioRpcError as exc:
-            return False, f"{exc.code().name}: {exc.details()}"
+            code = exc.code()
+            if code is grpc.StatusCode.UNAVAILABLE and entry.target.resolved:
+                # The name may point elsewhere now: the next check resolves it again.
+                self._drop_channel(plugin.address, entry)
+            return False, self._rpc_error(code)
+        except Exception as exc:  # e.g. an undecodable answer: never the peer's bytes
+            log.debug("health check of %s failed: %r", plugin.plugin_id, exc)
+            return False, "not a gRPC plugin, or it failed (its answer could not be read)"
         if not response.healthy:
-            return False, response.message or "plugin reports unhealthy"
+            return False, _printable(response.message) or "plugin reports unhealthy"
         return True, ""
+
+    def _rpc_error(self, code: grpc.StatusCode) -> str:
+        """last_error for a failed Health call: fixed words, never grpc's details."""
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            words = f"no answer within {self._settings.timeout:g}s"
+        elif code is grpc.StatusCode.UNIMPLEMENTED:
+            words = "not a POLKU plugin (Health is not implemented)"
+        elif code is grpc.StatusCode.UNAVAILABLE:
+            words = "unreachable, or not a gRPC server"
+        else:
+            words = "not a gRPC plugin, or it failed"
+        return f"{code.name}: {words}"
 
     def _record(self, plugin_id: str, ok: bool, error: str) -> None:
         plugin = self._state.catalog.get(plugin_id)
@@ -247,28 +316,73 @@ class HealthChecker:
 
     # -- channels --------------------------------------------------------------
 
-    def _channel(self, plugin: Plugin) -> _Channel:
-        entry = self._channels.get(plugin.address)
+    async def _channel(self, plugin: Plugin) -> _Channel:
+        """The cached channel of the plugin's address, vetting it first when there is none.
+
+        Raises:
+            _Refused: the address does not parse or the address policy refuses it.
+        """
+        address = plugin.address
+        entry = self._channels.get(address)
         if entry is None:
-            backoff = int(max(1.0, min(self._settings.interval, 5.0)) * 1000)
-            channel = open_channel(
-                plugin.address,
-                [
-                    ("grpc.initial_reconnect_backoff_ms", 100),
-                    ("grpc.max_reconnect_backoff_ms", backoff),
-                ],
-            )
-            entry = _Channel(
-                channel, pb_grpc.IngestorPluginStub(channel), pb_grpc.EmitterPluginStub(channel)
-            )
-            entry.watcher = asyncio.create_task(self._watch_channel(plugin.address, channel))
-            self._channels[plugin.address] = entry
+            target = await self._vet(address)
+            # Another check of this address may have made one meanwhile.
+            entry = self._channels.get(address) or self._open(address, target)
+        if plugin.plugin_id not in self._streaks:  # forgotten while it was being vetted
+            if not entry.users:
+                self._close_channel(address)
+            raise _Refused("no longer registered")
         entry.users.add(plugin.plugin_id)
-        self._address_of[plugin.plugin_id] = plugin.address
+        self._address_of[plugin.plugin_id] = address
         return entry
 
-    async def _watch_channel(self, address: str, channel: grpc.aio.Channel) -> None:
-        """Re-check an address's plugins at once when its live connection breaks."""
+    def _open(self, address: str, target: DialTarget) -> _Channel:
+        backoff = int(max(1.0, min(self._settings.interval, 5.0)) * 1000)
+        channel = self._dialer.open(
+            target,
+            [
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", backoff),
+            ],
+        )
+        entry = _Channel(
+            channel, target, pb_grpc.IngestorPluginStub(channel), pb_grpc.EmitterPluginStub(channel)
+        )
+        entry.watcher = asyncio.create_task(self._watch_channel(address, entry))
+        self._channels[address] = entry
+        return entry
+
+    async def _vet(self, address: str) -> DialTarget:
+        """Parse and vet ``address``, sharing one attempt among concurrent checks.
+
+        Raises:
+            _Refused: with the check's last_error.
+        """
+        task = self._vetting.get(address)
+        if task is None:
+            task = asyncio.create_task(self._dialer.vet(address), name="health-vet")
+            self._vetting[address] = task
+            task.add_done_callback(lambda done: self._vetted(address, done))
+        try:
+            return await asyncio.shield(task)
+        except AddressRefused as exc:
+            raise _Refused(f"refused by the address policy ({exc.why})") from exc
+        except InvalidArgument as exc:
+            log.debug("not checking %s: %s", address, exc)
+            raise _Refused("refused by the address policy (not a valid plugin address)") from exc
+
+    def _vetted(self, address: str, task: asyncio.Task[DialTarget]) -> None:
+        if self._vetting.get(address) is task:
+            del self._vetting[address]
+        if not task.cancelled():
+            task.exception()  # retrieved: the waiters, if any are left, report it
+
+    async def _watch_channel(self, address: str, entry: _Channel) -> None:
+        """When the live connection breaks: drop the channel, re-check its plugins at once.
+
+        The next check makes a new channel, vetting (and resolving) the address again.
+        """
+        channel = entry.channel
         state = channel.get_state(try_to_connect=False)
         while True:
             await channel.wait_for_state_change(state)
@@ -277,18 +391,38 @@ class HealthChecker:
                 state is grpc.ChannelConnectivity.READY
                 and new is not grpc.ChannelConnectivity.READY
             ):
-                entry = self._channels.get(address)
-                for plugin_id in list(entry.users if entry else ()):
+                users = list(entry.users)
+                self._drop_channel(address, entry, watching=False)
+                for plugin_id in users:
                     streak = self._streaks.get(plugin_id)
                     if streak is not None:
                         streak.suspect = True
                         self._schedule(plugin_id, 0.0)
+                return
             state = new
 
     def _close_channel(self, address: str) -> None:
-        entry = self._channels.pop(address)
-        if entry.watcher is not None:
+        entry = self._channels.get(address)
+        if entry is not None:
+            self._drop_channel(address, entry)
+
+    def _drop_channel(self, address: str, entry: _Channel, *, watching: bool = True) -> None:
+        """Forget ``entry`` (if still cached) and close it in the background."""
+        if self._channels.get(address) is entry:
+            del self._channels[address]
+        if watching and entry.watcher is not None:
             entry.watcher.cancel()
+        if entry.closed:
+            return
+        entry.closed = True
         task = asyncio.create_task(entry.channel.close())
         self._checks.add(task)
         task.add_done_callback(self._checks.discard)
+
+
+def _printable(message: str) -> str:
+    """A plugin's own message, fit for a status line: printable, at most 256 characters."""
+    text = "".join(c if c.isprintable() else "?" for c in message[: MAX_PLUGIN_MESSAGE + 1])
+    if len(text) > MAX_PLUGIN_MESSAGE:
+        text = text[: MAX_PLUGIN_MESSAGE - 1] + "…"
+    return text
