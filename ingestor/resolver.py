@@ -28,6 +28,7 @@ from ingestor.errors import PluginConnectionError, PluginError
 from ingestor.view import Endpoint, ResolverView
 from registry.client import RegistryClient
 from registry.errors import RegistryError
+from registry.trust.tls import TlsFiles
 from registry.wire import pb
 
 log = logging.getLogger(__name__)
@@ -104,10 +105,14 @@ class RegistryResolver(Closing):
     default). ``connect_timeout`` bounds how long :meth:`resolve_async` waits for the
     first snapshot. ``sources`` narrows the stream to plugins declaring one of them.
     Reconnection waits grow from ``backoff_initial`` to ``backoff_max`` seconds, jittered.
-    Construction never connects.
+    ``token`` and ``tls`` are :class:`~registry.client.RegistryClient`'s: a bearer token
+    for every call, and the TLS files to reach the registry with. Construction never
+    connects.
 
     Raises (constructor):
         ValueError: a setting is out of range (the message names it).
+        RegistryError: ``token``/``tls`` refused, as RegistryClient refuses them (a token
+            in clear to a non-loopback registry, unusable TLS files).
     """
 
     def __init__(
@@ -119,6 +124,8 @@ class RegistryResolver(Closing):
         sources: Iterable[str] = (),
         backoff_initial: float = 0.05,
         backoff_max: float = 5.0,
+        token: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         if max_staleness is not None and max_staleness <= 0:
             raise ValueError(f"max_staleness: {max_staleness!r} must be positive")
@@ -132,6 +139,9 @@ class RegistryResolver(Closing):
         self.sources = tuple(sources)
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        self._token = token
+        self._tls = tls
+        self._client()  # refuses a token in clear or unusable TLS files now, not in the loop
         self._lock = threading.Lock()
         self._state = _State.UNOPENED
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -428,8 +438,9 @@ class RegistryResolver(Closing):
         """Follow Watch until cancelled: resume after every break, back off between tries."""
         attempt = 0
         while True:
-            client = RegistryClient(self.address)
+            client: RegistryClient | None = None
             try:
+                client = self._client()  # TLS files read again: a renewed certificate is used
                 async for message in client.watch(
                     since_revision=self.revision, sources=self.sources
                 ):
@@ -450,10 +461,15 @@ class RegistryResolver(Closing):
                 self._broke(repr(exc))
             finally:
                 self._connected = False
-                await client.close()
+                if client is not None:
+                    await client.close()
             ceiling = min(self.backoff_max, self.backoff_initial * 2 ** min(attempt, 32))
             attempt += 1
             await asyncio.sleep(random.uniform(ceiling / 2, ceiling))
+
+    def _client(self) -> RegistryClient:
+        # A fresh client per attempt: a new channel dials at once, without gRPC's backoff.
+        return RegistryClient(self.address, token=self._token, tls=self._tls)
 
     def _broke(self, reason: str) -> None:
         if self._connected:

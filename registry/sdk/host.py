@@ -38,6 +38,7 @@ from registry.sdk.handlers import (
     IngestorServicer,
     ShutdownFn,
 )
+from registry.trust.tls import TlsFiles
 from registry.validation import check_address, registration_from_request
 from registry.wire import pb, pb_grpc
 
@@ -133,6 +134,9 @@ class PluginHost(AsyncService):
     ``advertise`` gives the one others must dial (containers, NAT). A wildcard listen
     host (``0.0.0.0``, ``[::]``) advertises the local address that routes to the registry.
 
+    ``token`` (a bearer token) and ``tls`` (the TLS files to reach the registry with,
+    not this plugin's own server) go to its :class:`~registry.client.RegistryClient`.
+
     ``lease_ttl_seconds=0`` takes the registry's default lease. ``grace`` is how long
     :meth:`stop` lets calls in flight finish. Thread rules: a host belongs to the event
     loop that starts it; plain (non-async) handlers run in its pool of ``max_workers``
@@ -141,6 +145,8 @@ class PluginHost(AsyncService):
     Raises (on construction, before any I/O):
         ValueError: no handler, both an ingest and an emit handler, or a bad field.
         InvalidArgument: the registry would refuse this registration (names the field).
+        RegistryError: ``token``/``tls`` refused by RegistryClient (a token in clear to
+            a non-loopback registry, unusable TLS files).
     """
 
     def __init__(
@@ -162,6 +168,8 @@ class PluginHost(AsyncService):
         max_workers: int | None = None,
         registry_timeout: float = 5.0,
         server_options: Iterable[tuple[str, Any]] = (),
+        token: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         ingest = ingest or getattr(plugin, "ingest", None)
         emit = emit or getattr(plugin, "emit", None)
@@ -182,6 +190,9 @@ class PluginHost(AsyncService):
         self._max_workers = max_workers
         self._registry_timeout = registry_timeout
         self._server_options = list(server_options)
+        self._token = token
+        self._tls = tls
+        self._new_client()  # a token in clear or unusable TLS files fail now, not later
         # The registry's own checks, done here so that a mistake fails at once.
         registration_from_request(self._request("127.0.0.1:1"), default_ttl=30)
         if advertise is not None:
@@ -251,7 +262,7 @@ class PluginHost(AsyncService):
             raise
         self._server = server
         self._state = _State.STARTED
-        self._client = RegistryClient(self.registry, timeout=self._registry_timeout)
+        self._client = self._new_client()
         self._task = asyncio.create_task(self._keep_registered(), name=f"plugin-{name}-registry")
         log.info("plugin %s listening on %s", name, self._address)
 
@@ -449,8 +460,13 @@ class PluginHost(AsyncService):
         if not isinstance(exc, RegistryUnavailable) or self._client is None:
             return
         old = self._client
-        self._client = RegistryClient(self.registry, timeout=self._registry_timeout)
+        self._client = self._new_client()
         await old.close()
+
+    def _new_client(self) -> RegistryClient:
+        return RegistryClient(
+            self.registry, timeout=self._registry_timeout, token=self._token, tls=self._tls
+        )
 
     async def _unregister(self) -> None:
         task, self._task = self._task, None

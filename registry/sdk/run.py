@@ -11,9 +11,11 @@ from typing import Any
 from registry.client import DEFAULT_REGISTRY
 from registry.sdk.handlers import EmitFn, HealthFn, IngestFn, ShutdownFn
 from registry.sdk.host import PluginHost
+from registry.trust.tls import TlsFiles
 from registry.wire import pb
 
 REGISTRY_ENV = "POLKU_REGISTRY"
+TOKEN_ENV = "POLKU_REGISTRY_TOKEN"
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -31,19 +33,23 @@ def run_plugin(
     lease_ttl_seconds: int = 0,
     labels: Mapping[str, str] | None = None,
     grace: float = 5.0,
+    token: str | None = None,
+    tls: TlsFiles | None = None,
     **options: Any,
 ) -> None:
     """Serve a plugin and keep it registered until SIGTERM or SIGINT; blocks until then.
 
     The arguments are :class:`PluginHost`'s (``options`` takes the rest of them);
-    ``registry=None`` reads ``POLKU_REGISTRY``, else ``127.0.0.1:50051``. On the
+    ``registry=None`` reads ``POLKU_REGISTRY``, else ``127.0.0.1:50051``;
+    ``token=None`` reads ``POLKU_REGISTRY_TOKEN`` (unset or empty: no token). On the
     first signal the plugin unregisters, then stops serving, letting calls in flight
     finish within ``grace`` seconds; a second signal acts as it would by default.
     Call it from the main thread of a program that has no event loop running.
 
     Raises:
         ValueError, InvalidArgument: at once, for what the registry would refuse.
-        RegistryError: ``listen`` cannot be bound.
+        RegistryError: at once, for a token in clear to a non-loopback registry or
+            unusable TLS files; later, ``listen`` cannot be bound.
         InvalidArgument: later, if the registry refuses the registration for good.
     """
     host = PluginHost(
@@ -59,6 +65,8 @@ def run_plugin(
         lease_ttl_seconds=lease_ttl_seconds,
         labels=labels,
         grace=grace,
+        token=token if token is not None else os.environ.get(TOKEN_ENV) or None,
+        tls=tls,
         **options,
     )
     asyncio.run(serve_until_signalled(host))
