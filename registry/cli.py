@@ -17,6 +17,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from registry import render
@@ -24,6 +25,7 @@ from registry.client import DEFAULT_REGISTRY, RegistryClient
 from registry.durations import format_duration, parse_duration
 from registry.errors import RegistryError
 from registry.settings import RegistrySettings, default_database_url
+from registry.trust.tls import TlsFiles
 from registry.wire import pb
 
 log = logging.getLogger(__name__)
@@ -177,8 +179,17 @@ def _flag(option: _Option) -> str:
     return option.action.option_strings[-1]
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def _from_environment(option: _Option, raw: str) -> Any:
     action = option.action
+    if isinstance(action, argparse._StoreTrueAction):
+        word = raw.strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise CliError(f"{option.env}={raw!r}: use one of {', '.join(_TRUE + _FALSE)}")
+        return word in _TRUE
     items = [part.strip() for part in raw.split(",")] if option.repeated else [raw]
     convert: Callable[[str], Any] = action.type if callable(action.type) else str
     values = []
@@ -228,8 +239,18 @@ def build_parser() -> _Parser:
         sub.option("--db", metavar="URL", shown=shown, help="sqlite:///PATH or postgresql://...")
 
     def client_options(sub: _Parser, *, output: bool = True) -> None:
-        sub.option("--registry", metavar="ADDR", env=ENV_PREFIX, default=DEFAULT_REGISTRY, help="")
+        sub.option(
+            "--registry",
+            metavar="ADDR",
+            env=ENV_PREFIX,
+            default=DEFAULT_REGISTRY,
+            help="host:port, or https://host:port for TLS",
+        )
         sub.option("--timeout", type=duration, default=5.0, help="deadline of each call")
+        sub.option("--token", metavar="TOKEN", help="bearer token (never sent in clear off-host)")
+        sub.option("--tls-ca", metavar="PEM", help="CA that verifies the registry (TLS)")
+        sub.option("--tls-cert", metavar="PEM", help="client certificate (mTLS)")
+        sub.option("--tls-key", metavar="PEM", help="key of --tls-cert")
         if output:
             sub.option("-o", "--output", choices=("table", "json"), default="table", help="format")
 
@@ -239,6 +260,7 @@ def build_parser() -> _Parser:
         serve.option(flag, type=kind, default=getattr(defaults, _dest(flag)), help=help)
     db_option(serve)
     serve.option("--log-level", choices=LOG_LEVELS, type=str.lower, default="info", help="")
+    trust_options(serve)
 
     db_option(command("migrate", _migrate, "bring a database to the current schema"))
 
@@ -272,30 +294,152 @@ def build_parser() -> _Parser:
     watch = command("watch", _watch, "print changes as they happen, until interrupted")
     client_options(watch)
     watch.option("--source", action="append", help="only plugins of this source (repeatable)")
+
+    release = command("release", _release, "free a plugin name and its sources (admin)")
+    release.add_argument("name", metavar="NAME")
+    client_options(release, output=False)
+
+    token = command("token", _token, "make bearer tokens for the auth policy")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    new = token_commands.add_parser(
+        "new", help="print a fresh token and its policy entry", description="print a token"
+    )
+    new.set_defaults(parser=new)
+    new.add_argument("--principal", required=True, help="the principal's name in the policy")
     return parser
+
+
+def trust_options(serve: _Parser) -> None:
+    """serve's options of SPEC §6: the policy, TLS, addresses and limits."""
+    serve.option("--auth-policy", metavar="FILE", help="TOML policy of principals (SIGHUP reloads)")
+    serve.option(
+        "--insecure", action="store_true", default=False, help="allow open mode off loopback"
+    )
+    serve.option(
+        "--no-reflection", action="store_true", default=False, help="do not serve reflection"
+    )
+    serve.option("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
+    serve.option("--tls-key", metavar="PEM", help="key of --tls-cert")
+    serve.option("--tls-client-ca", metavar="PEM", help="require client certificates of this CA")
+    serve.option("--plugin-tls-ca", metavar="PEM", help="CA that verifies https:// plugins")
+    serve.option("--plugin-tls-cert", metavar="PEM", help="client certificate to plugins (mTLS)")
+    serve.option("--plugin-tls-key", metavar="PEM", help="key of --plugin-tls-cert")
+    serve.option(
+        "--allow-addresses",
+        metavar="CIDR,...",
+        shown="default loopback on a loopback listen, else private ranges",
+        help="where plugins may be",
+    )
+    serve.option("--allow-unix-dir", metavar="DIR", action="append", help="repeatable")
+    for flag, kind, help in LIMIT_OPTIONS:
+        serve.option(flag, type=kind, metavar="N", help=help)
+
+
+def rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 (off) or more")
+    return value
+
+
+def limit(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 (off) or more")
+    return number
+
+
+# serve options that are RegistrySettings fields of the same name; unset: the mode's default
+LIMIT_OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
+    ("--register-rate", rate, "Registers per second per principal (policy default 20, 0 off)"),
+    ("--register-burst", limit, "burst of --register-rate (policy default 100)"),
+    ("--max-instances-per-principal", limit, "live instances per principal (default 1000)"),
+    ("--max-streams-per-principal", limit, "Watch/KeepAlive streams per principal (default 64)"),
+    ("--max-concurrent-rpcs", count, "calls in flight at once (default 1024)"),
+    ("--max-connections-per-peer", count, "connections with calls in flight per peer (256)"),
+)
 
 
 # -- commands -----------------------------------------------------------------------------
 
 
-async def _serve(args: argparse.Namespace) -> None:
+def _tls(ca: str | None, cert: str | None, key: str | None) -> TlsFiles | None:
+    if not (ca or cert or key):
+        return None
     try:
-        options = {_dest(flag): getattr(args, _dest(flag)) for flag, _, _ in SETTINGS_OPTIONS}
-        settings = RegistrySettings(listen=args.listen, database_url=_database_url(args), **options)
+        return TlsFiles(
+            ca=Path(ca) if ca else None,
+            cert=Path(cert) if cert else None,
+            key=Path(key) if key else None,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _serve_settings(args: argparse.Namespace) -> RegistrySettings:
+    options = {_dest(flag): getattr(args, _dest(flag)) for flag, _, _ in SETTINGS_OPTIONS}
+    limits = {
+        _dest(flag): getattr(args, _dest(flag))
+        for flag, _, _ in LIMIT_OPTIONS
+        if getattr(args, _dest(flag)) is not None
+    }
+    allow = None
+    if args.allow_addresses:
+        allow = tuple(part.strip() for part in args.allow_addresses.split(",") if part.strip())
+    try:
+        return RegistrySettings(
+            listen=args.listen,
+            database_url=_database_url(args),
+            auth_policy=args.auth_policy,
+            insecure=args.insecure,
+            reflection=not args.no_reflection,
+            tls=_tls(args.tls_client_ca, args.tls_cert, args.tls_key),
+            plugin_tls=_tls(args.plugin_tls_ca, args.plugin_tls_cert, args.plugin_tls_key),
+            allow_addresses=allow,
+            allow_unix_dirs=tuple(args.allow_unix_dir or ()),
+            **options,
+            **limits,
+        )
     except ValueError as exc:
         raise CliError(f"invalid setting {exc}") from exc
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    settings = _serve_settings(args)
+    # Imported before logging is configured: importing alembic logs its plugin setup.
+    from registry.server import RegistryServer  # the server side loads only for serve
+
     logging.basicConfig(
         stream=sys.stderr,
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from registry.server import RegistryServer  # the server side loads only for serve
-
+    # Dependencies' chatter (alembic's migration steps) stays below the chosen level.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.root.level))
     server = RegistryServer(settings)
 
     async def run() -> None:
-        await server.start()
-        await server.wait_closed()
+        loop = asyncio.get_running_loop()
+        reloads: set[asyncio.Task[bool]] = set()
+
+        def reload() -> None:
+            task = loop.create_task(server.reload_policy())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        # Before start: a SIGHUP while starting must not kill the process.
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        try:
+            await server.start()
+            await server.wait_closed()
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
 
     try:
         if await until_signalled(run()):
@@ -383,11 +527,42 @@ async def _follow(args: argparse.Namespace) -> None:
             ) from None
 
 
+async def _release(args: argparse.Namespace) -> None:
+    async with _client(args) as client:
+        response = await client.release(args.name)
+    if not response.released:
+        print(f"{args.name}: nobody owned it")
+        return
+    claims = [*response.sources, *response.emitter_names]
+    freed = f" and {', '.join(claims)}" if claims else ""
+    print(f"released {args.name}{freed} (owned by {response.principal})")
+
+
+async def _token(args: argparse.Namespace) -> None:
+    from registry.trust.policy import PolicyError, new_token, policy_entry
+
+    token = new_token()
+    try:
+        entry = policy_entry(args.principal, token)
+    except PolicyError as exc:
+        raise CliError(f"--principal: {exc}") from exc
+    print(f"token: {token}")
+    print("# Give the token to the principal; add this entry to the policy file:")
+    print(entry)
+
+
 # -- plumbing -----------------------------------------------------------------------------
 
 
 def _client(args: argparse.Namespace) -> RegistryClient:
-    return RegistryClient(args.registry, timeout=args.timeout)
+    if args.timeout <= 0:
+        raise CliError(f"--timeout: {args.timeout!r} must be more than 0")
+    return RegistryClient(
+        args.registry,
+        timeout=args.timeout,
+        token=args.token or None,
+        tls=_tls(args.tls_ca, args.tls_cert, args.tls_key),
+    )
 
 
 def _database_url(args: argparse.Namespace) -> str:

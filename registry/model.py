@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from fnmatch import fnmatchcase
 from dataclasses import dataclass, field
 from datetime import datetime
+from fnmatch import fnmatchcase
 
 
 class PluginType(enum.IntEnum):
@@ -136,4 +136,3 @@ class Principal:
         if self.admin or self.sources is None:
             return True
         return any(fnmatchcase(key, p) for p in self.sources)
-

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,9 +29,14 @@ from registry.migrate import upgrade
 from registry.poller import CheckSettings, HealthChecker
 from registry.reaper import LeaseReaper
 from registry.service import RegistryService
-from registry.settings import RegistrySettings
+from registry.settings import RegistrySettings, is_loopback
 from registry.state import RegistryState
 from registry.store import SqlStore
+from registry.trust.addresses import AddressPolicy, HostResolver, SystemResolver
+from registry.trust.auth import AuthInterceptor, CallerLimits
+from registry.trust.dial import PluginCredentials
+from registry.trust.policy import PolicyError, PolicyHolder
+from registry.trust.tls import ServerCredentials
 from registry.watch import WatchHub
 from registry.wire import pb, pb_grpc
 
@@ -41,11 +47,24 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+@dataclass(frozen=True, slots=True)
+class _Trust:
+    interceptor: AuthInterceptor
+    credentials: ServerCredentials | None
+    plugin_tls: PluginCredentials | None
+    addresses: AddressPolicy
+
+
 class RegistryServer(AsyncService):
     """A running PluginRegistry: ``start()``, idempotent ``stop(grace)``, or ``async with``."""
 
-    def __init__(self, settings: RegistrySettings | None = None) -> None:
+    def __init__(
+        self, settings: RegistrySettings | None = None, *, resolver: HostResolver | None = None
+    ) -> None:
+        """``resolver`` resolves plugins' host names (tests give a stub; default: the OS)."""
         self.settings = settings or RegistrySettings()
+        self.resolver = resolver or SystemResolver()
+        self.policy: PolicyHolder | None = None
         self.port = 0
         self._store: SqlStore | None = None
         self._state: RegistryState | None = None
@@ -77,6 +96,7 @@ class RegistryServer(AsyncService):
             RegistryError: the listen address cannot be bound.
         """
         settings = self.settings
+        trust = self._trust()
         try:
             self._store = SqlStore.open(settings.database_url)
         except ValueError as exc:
@@ -105,6 +125,9 @@ class RegistryServer(AsyncService):
                 healthy_threshold=settings.healthy_threshold,
                 concurrency=settings.health_concurrency,
                 suspect_retry=settings.suspect_retry,
+                address_policy=trust.addresses,
+                resolver=self.resolver,
+                plugin_tls=trust.plugin_tls,
             ),
         )
         self._reaper = LeaseReaper(
@@ -112,26 +135,37 @@ class RegistryServer(AsyncService):
         )
 
         server = grpc.aio.server(
+            interceptors=[trust.interceptor],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", 256 * 1024 * 1024),
                 ("grpc.so_reuseport", 0),
-            ]
-        )
-        pb_grpc.add_PluginRegistryServicer_to_server(
-            RegistryService(state, self._hub, messages, settings), server
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
             ],
-            server,
         )
+        service = RegistryService(
+            state,
+            self._hub,
+            messages,
+            settings,
+            address_policy=trust.addresses,
+            resolver=self.resolver,
+        )
+        pb_grpc.add_PluginRegistryServicer_to_server(service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                [
+                    SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ],
+                server,
+            )
         try:
-            self.port = server.add_insecure_port(settings.listen)
+            if trust.credentials is not None:
+                self.port = server.add_secure_port(settings.listen, trust.credentials.credentials())
+            else:
+                self.port = server.add_insecure_port(settings.listen)
         except RuntimeError as exc:
             await self.stop()
             raise RegistryError(f"cannot listen on {settings.listen}: {exc}") from exc
@@ -144,7 +178,53 @@ class RegistryServer(AsyncService):
         self._tasks.append(asyncio.create_task(self._hub.load_history(), name="registry-history"))
         warm = messages.warm(list(state.view))
         self._tasks.append(asyncio.create_task(warm, name="registry-warm-messages"))
-        log.info("registry serving on %s (revision %d)", self.address, state.view.revision)
+        log.info(
+            "registry serving on %s%s (revision %d, %s)",
+            self.address,
+            " with TLS" if trust.credentials is not None else "",
+            state.view.revision,
+            "auth policy " + str(settings.auth_policy) if settings.secured else "open mode",
+        )
+        if not settings.secured and not is_loopback(settings.listen):
+            log.warning(
+                "INSECURE: open mode on %s: anyone who reaches it may register, remove and "
+                "redirect plugins; give --auth-policy",
+                settings.listen,
+            )
+
+    async def reload_policy(self) -> bool:
+        """Re-read the auth policy file (SIGHUP); a bad file keeps the old policy."""
+        return await self.policy.reload() if self.policy is not None else False
+
+    def _trust(self) -> _Trust:
+        """Build the policy, interceptor, credentials and address policy from settings.
+
+        Raises:
+            RegistryError: the policy file or a certificate cannot be loaded.
+        """
+        settings = self.settings
+        try:
+            if settings.auth_policy is not None:
+                self.policy = PolicyHolder.from_file(settings.auth_policy)
+            credentials = ServerCredentials(settings.tls) if settings.tls is not None else None
+            plugin_tls = (
+                PluginCredentials(settings.plugin_tls) if settings.plugin_tls is not None else None
+            )
+            addresses = AddressPolicy.default(
+                settings.listen, settings.allow_addresses, settings.allow_unix_dirs
+            )
+        except (PolicyError, ValueError, OSError) as exc:
+            raise RegistryError(str(exc)) from exc
+        policy = self.policy
+        limits = CallerLimits(
+            max_concurrent_rpcs=settings.max_concurrent_rpcs,
+            max_connections_per_peer=settings.max_connections_per_peer,
+            register_rate=settings.register_rate,
+            register_burst=settings.register_burst,
+            max_streams_per_principal=settings.max_streams_per_principal,
+        )
+        interceptor = AuthInterceptor(lambda: policy.current if policy else None, limits)
+        return _Trust(interceptor, credentials, plugin_tls, addresses)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop serving, letting calls in flight finish within ``grace`` seconds.

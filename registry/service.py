@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,11 +18,30 @@ import grpc
 from google.protobuf.empty_pb2 import Empty
 
 from registry import convert
-from registry.errors import AlreadyExists, InvalidArgument, NotFound, RegistryUnavailable
-from registry.settings import RegistrySettings
+from registry.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RegistryUnavailable,
+    ResourceExhausted,
+    StoreError,
+    Unauthenticated,
+)
+from registry.model import Principal
+from registry.settings import POLICY_MAX_INSTANCES, RegistrySettings
 from registry.state import RegistryState
+from registry.trust.addresses import (
+    AddressPolicy,
+    HostResolver,
+    Unresolvable,
+    parse_address,
+    vet,
+)
+from registry.trust.auth import current_principal
 from registry.validation import (
     check_plugin_id,
+    check_plugin_name,
     check_sources,
     plugin_type_filter,
     registration_from_request,
@@ -31,6 +51,8 @@ from registry.watch import WatchHub
 from registry.wire import pb, pb_grpc
 
 log = logging.getLogger(__name__)
+# Every accepted write: who, from where, what (SPEC §6 "Audit").
+audit = logging.getLogger("registry.audit")
 
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 10_000
@@ -42,8 +64,15 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (RegistryUnavailable, grpc.StatusCode.UNAVAILABLE),
 ]
+# What a client hears of a database failure: the details (SQL, parameters, paths) go
+# to the log only.
+STORE_FAILED = "the registry cannot store changes right now; retry shortly"
+INTERNAL_ERROR = "internal error; see the registry's log"
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -61,16 +90,34 @@ def _status_mapped(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             raise
         except Exception as exc:
             code = next((c for kind, c in _CODES if isinstance(exc, kind)), None)
+            message = str(exc)
             if code is None:
                 log.exception("%s failed", method.__name__)
-                code, exc = (
-                    grpc.StatusCode.INTERNAL,
-                    Exception("internal error; see the registry's log"),
-                )
-            await context.abort(code, str(exc))
+                code, message = grpc.StatusCode.INTERNAL, INTERNAL_ERROR
+            elif isinstance(exc, StoreError):
+                log.warning("%s not stored: %s", method.__name__, exc)
+                message = STORE_FAILED
+            await context.abort(code, message)
             raise  # unreachable: abort raises
 
     return wrapper
+
+
+def _audit(
+    context: grpc.aio.ServicerContext,
+    principal: Principal | None,
+    action: str,
+    name: str,
+    detail: str,
+) -> None:
+    audit.info(
+        "%s principal=%s peer=%s name=%s %s",
+        action,
+        principal.name if principal is not None else "-",
+        context.peer(),
+        name,
+        detail,
+    )
 
 
 def page_token(after: str) -> str:
@@ -98,11 +145,32 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         hub: WatchHub,
         messages: convert.MessageCache,
         settings: RegistrySettings,
+        *,
+        address_policy: AddressPolicy,
+        resolver: HostResolver,
     ) -> None:
         self._state = state
         self._hub = hub
         self._messages = messages
         self._settings = settings
+        self._address_policy = address_policy
+        self._resolver = resolver
+        self._max_instances = int(
+            settings.per_principal(settings.max_instances_per_principal, POLICY_MAX_INSTANCES)
+        )
+
+    def _instance(self, plugin_id: str) -> tuple[Principal | None, str]:
+        """The caller and a plugin id it may act on (its own instance, or any as admin).
+
+        Raises:
+            InvalidArgument: the id is malformed.
+            PermissionDenied: the instance belongs to another principal's plugin.
+        """
+        plugin_id = check_plugin_id("plugin_id", plugin_id, self._settings.limits)
+        principal = current_principal()
+        if principal is not None:
+            self._state.check_instance_access(principal, plugin_id)
+        return principal, plugin_id
 
     @_status_mapped
     async def Register(
@@ -111,7 +179,21 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         registration = registration_from_request(
             request, self._settings.lease_ttl, self._settings.limits
         )
-        plugin = await self._state.register(registration)
+        # Vetted here (names resolved), and again before every dial of the plugin.
+        address = parse_address("address", registration.address)
+        with contextlib.suppress(Unresolvable):  # accepted; vetted again at every dial
+            await vet(address, self._address_policy, self._resolver)
+        principal = current_principal()
+        plugin = await self._state.register(
+            registration, principal, max_live_instances=self._max_instances
+        )
+        _audit(
+            context,
+            principal,
+            "register",
+            plugin.name,
+            f"id={plugin.plugin_id} revision={plugin.revision}",
+        )
         ttl = registration.lease_ttl_seconds
         return pb.RegisterResponse(
             accepted=True,
@@ -125,16 +207,44 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatResponse:
-        plugin_id = check_plugin_id("plugin_id", request.plugin_id, self._settings.limits)
+        _, plugin_id = self._instance(request.plugin_id)
         return pb.HeartbeatResponse(acknowledged=self._state.heartbeat(plugin_id) is not None)
 
     @_status_mapped
     async def Unregister(
         self, request: pb.UnregisterRequest, context: grpc.aio.ServicerContext
     ) -> Empty:
-        plugin_id = check_plugin_id("plugin_id", request.plugin_id, self._settings.limits)
+        principal, plugin_id = self._instance(request.plugin_id)
+        plugin = self._state.catalog.get(plugin_id)
         await self._state.remove([plugin_id])
+        if plugin is not None:
+            revision = self._state.catalog.revision
+            _audit(
+                context, principal, "unregister", plugin.name, f"id={plugin_id} revision={revision}"
+            )
         return Empty()
+
+    @_status_mapped
+    async def Release(
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseResponse:
+        name = check_plugin_name("name", request.name, self._settings.limits)
+        released = await self._state.release(name)
+        if released is None:
+            return pb.ReleaseResponse(released=False)
+        _audit(
+            context,
+            current_principal(),
+            "release",
+            name,
+            f"owner={released.principal} id=- revision={self._state.catalog.revision}",
+        )
+        return pb.ReleaseResponse(
+            released=True,
+            principal=released.principal,
+            sources=list(released.sources),
+            emitter_names=list(released.emitter_names),
+        )
 
     @_status_mapped
     async def ListPlugins(

@@ -5,11 +5,30 @@ Only the CLI reads flags and environment variables; library users build this.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from registry.trust.tls import TlsFiles
 from registry.validation import Limits
+
+# Live instances per principal while a policy is in force (SPEC §6); the other
+# per-principal defaults are registry.trust.auth.CallerLimits'.
+POLICY_MAX_INSTANCES = 1000
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether a listen address is reachable from this machine only (loopback, unix)."""
+    if listen.startswith("unix:"):
+        return True
+    host = listen.rpartition(":")[0].removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def default_database_url() -> str:
@@ -47,6 +66,38 @@ class RegistrySettings:
     watch_max_backlog: int = 1024
     change_log_size: int = 10_000
     limits: Limits = field(default_factory=Limits)
+    # -- trust (SPEC §6) --
+    # The TOML policy of principals; None is open mode (loopback or unix listen only).
+    auth_policy: str | None = None
+    # Open mode on a non-loopback listen address, knowingly.
+    insecure: bool = False
+    reflection: bool = True
+    # The server's certificate and key; with ``ca``, client certificates are required.
+    tls: TlsFiles | None = None
+    # How the health checker dials https:// plugins (CA, optional client certificate).
+    plugin_tls: TlsFiles | None = None
+    # CIDRs plugins may be at; None: loopback on a loopback listen, else private ranges.
+    allow_addresses: tuple[str, ...] | None = None
+    allow_unix_dirs: tuple[str, ...] = ()
+    # Per principal; None: the policy default, or off in open mode. 0: off.
+    register_rate: float | None = None
+    register_burst: int | None = None
+    max_instances_per_principal: int | None = None
+    max_streams_per_principal: int | None = None
+    # Always on, whatever the mode.
+    max_concurrent_rpcs: int = 1024
+    max_connections_per_peer: int = 256
+
+    @property
+    def secured(self) -> bool:
+        """Whether a policy is in force (every RPC needs an identity)."""
+        return self.auth_policy is not None
+
+    def per_principal(self, value: float | None, policy_default: float) -> float:
+        """A per-principal limit as it applies: set, else the policy default, else off (0)."""
+        if value is not None:
+            return value
+        return policy_default if self.secured else 0
 
     def __post_init__(self) -> None:
         lim = self.limits
@@ -71,7 +122,27 @@ class RegistrySettings:
             "watch_progress_interval": (self.watch_progress_interval > 0, "must be positive"),
             "watch_max_backlog": (self.watch_max_backlog >= 1, "must be at least 1"),
             "change_log_size": (self.change_log_size >= 1, "must be at least 1"),
+            "max_concurrent_rpcs": (self.max_concurrent_rpcs >= 1, "must be at least 1"),
+            "max_connections_per_peer": (self.max_connections_per_peer >= 1, "must be at least 1"),
+            "register_rate": (not self.register_rate or self.register_rate > 0, "must be >= 0"),
+            "register_burst": (not self.register_burst or self.register_burst > 0, "must be >= 0"),
+            "max_instances_per_principal": (
+                not self.max_instances_per_principal or self.max_instances_per_principal > 0,
+                "must be >= 0",
+            ),
+            "max_streams_per_principal": (
+                not self.max_streams_per_principal or self.max_streams_per_principal > 0,
+                "must be >= 0",
+            ),
         }
         for name, (ok, rule) in checks.items():
             if not ok:
                 raise ValueError(f"{name}: {getattr(self, name)!r} {rule}")
+        if self.tls is not None and (self.tls.cert is None or self.tls.key is None):
+            raise ValueError("tls: serving TLS needs a certificate and its key")
+        if not self.secured and not self.insecure and not is_loopback(self.listen):
+            raise ValueError(
+                f"listen: {self.listen!r} is not a loopback address; without an auth policy "
+                "anyone who reaches it could redirect the gateway's payloads "
+                "(give --auth-policy FILE, or --insecure to accept that)"
+            )

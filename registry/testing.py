@@ -14,9 +14,10 @@ import argparse
 import asyncio
 import contextlib
 import inspect
+import ipaddress
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from registry.lifecycle import AsyncService
 from registry.model import PluginType
 from registry.server import RegistryServer
 from registry.settings import RegistrySettings
+from registry.trust.addresses import HostResolver, IPAddress
 from registry.wire import event_pb, pb, pb_grpc
 
 IngestHandler = Callable[[pb.IngestRequest], pb.IngestResponse | Awaitable[pb.IngestResponse]]
@@ -58,12 +60,39 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+class StaticResolver:
+    """A host-name resolver from a table, for tests: other names do not resolve.
+
+    Tests must not ask real DNS; ``set`` changes an answer (DNS rebinding tests).
+    """
+
+    def __init__(self, table: Mapping[str, Sequence[str]] | None = None) -> None:
+        self.table: dict[str, list[IPAddress]] = {}
+        self.lookups: list[str] = []
+        for host, ips in (table if table is not None else {"localhost": ["127.0.0.1"]}).items():
+            self.set(host, *ips)
+
+    def set(self, host: str, *ips: str) -> None:
+        self.table[host.lower()] = [ipaddress.ip_address(ip) for ip in ips]
+
+    async def resolve(self, host: str, port: int) -> list[IPAddress]:
+        self.lookups.append(host)
+        return list(self.table.get(host.lower(), ()))
+
+
 @contextlib.asynccontextmanager
-async def running_registry(folder: Path | str, **settings: Any) -> AsyncIterator[RegistryServer]:
-    """A registry on 127.0.0.1:0 over an SQLite file in ``folder``; stopped on exit."""
+async def running_registry(
+    folder: Path | str, *, resolver: HostResolver | None = None, **settings: Any
+) -> AsyncIterator[RegistryServer]:
+    """A registry on 127.0.0.1:0 over an SQLite file in ``folder``; stopped on exit.
+
+    Host names resolve through ``resolver``, by default a :class:`StaticResolver` that
+    knows only ``localhost``: tests never ask real DNS.
+    """
     settings.setdefault("listen", "127.0.0.1:0")
     settings.setdefault("database_url", f"sqlite:///{Path(folder) / 'registry.db'}")
-    async with RegistryServer(RegistrySettings(**settings)) as server:
+    server = RegistryServer(RegistrySettings(**settings), resolver=resolver or StaticResolver())
+    async with server:
         yield server
 
 

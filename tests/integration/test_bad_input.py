@@ -32,7 +32,9 @@ async def shared_registry(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[RegistryServer]:
     folder: Path = tmp_path_factory.mktemp("bad-input")
-    async with running_registry(folder, max_message_bytes=1024 * 1024) as server:
+    async with running_registry(
+        folder, max_message_bytes=1024 * 1024, allow_unix_dirs=("/tmp",)
+    ) as server:
         yield server
 
 
@@ -269,12 +271,10 @@ async def test_a_non_ascii_digit_port_is_invalid_argument(stub):
         "localhost:1",
         "plugin-1.svc.cluster.local:65535",
         "[::1]:50051",
-        "[fe80::1]:8080",
         "http://h:1",
         "https://h:1",
         "https://[::1]:443",
         "unix:/tmp/x.sock",
-        "unix:///var/run/plugin.sock",
     ],
 )
 async def test_accepted_address_forms(stub, address):
@@ -284,6 +284,25 @@ async def test_accepted_address_forms(stub, address):
     assert response.accepted
     got = await stub.GetPlugin(pb.GetPluginRequest(plugin_id=response.plugin_id))
     assert got.address == address
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        # SPEC §6: forms gRPC would read differently, and addresses never dialled.
+        ("unix:///var/run/plugin.sock", "unix:/absolute/path"),
+        ("[fe80::1]:8080", "address policy"),
+        ("unix:/var/run/plugin.sock", "address policy"),
+        ("10.0.0.1:80", "address policy"),
+    ],
+)
+async def test_refused_address_forms(stub, address, why):
+    request = register(name="address-forms", sources=["address-forms"], address=address)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Register(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("address: ")
+    assert why in caught.value.details()
 
 
 @pytest.mark.parametrize(

@@ -570,14 +570,14 @@ async def register_large(client: RegistryClient, count: int) -> set[str]:
 
 async def test_large_registrations_can_all_be_listed(client):
     """Regression: a page was bounded by count only and passed the 4 MiB default limit."""
-    ids = await register_large(client, 215)
+    ids = await register_large(client, 230)
     listed = await client.list_plugins()
     assert {p.plugin_id for p in listed} == ids
 
 
 async def test_large_registrations_can_be_watched(client):
     """Regression: the snapshot was one message past the 4 MiB default limit."""
-    ids = await register_large(client, 215)
+    ids = await register_large(client, 230)
     seen: set[str] = set()
     async with asyncio.timeout(60):
         async for message in client.watch():

@@ -304,13 +304,13 @@ class ReleaseRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
-    __slots__ = ("released", "principal", "sources", "emitter_name")
+    __slots__ = ("released", "principal", "sources", "emitter_names")
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
-    EMITTER_NAME_FIELD_NUMBER: _ClassVar[int]
+    EMITTER_NAMES_FIELD_NUMBER: _ClassVar[int]
     released: bool
     principal: str
     sources: _containers.RepeatedScalarFieldContainer[str]
-    emitter_name: str
-    def __init__(self, released: _Optional[bool] = ..., principal: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., emitter_name: _Optional[str] = ...) -> None: ...
+    emitter_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, released: _Optional[bool] = ..., principal: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., emitter_names: _Optional[_Iterable[str]] = ...) -> None: ...
