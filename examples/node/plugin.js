@@ -12,10 +12,15 @@
 // Options (each optional): --registry ADDR (else $POLKU_REGISTRY, else 127.0.0.1:50051),
 // --listen HOST:PORT (127.0.0.1:0), --advertise HOST:PORT (the address to register when
 // it is not the bound one: containers, NAT), --name NAME (node-lines),
-// --source SOURCE (repeatable; node-lines), --lease-ttl SECONDS (0: the registry's).
+// --source SOURCE (repeatable; node-lines), --lease-ttl SECONDS (0: the registry's),
+// --token TOKEN (else $POLKU_REGISTRY_TOKEN: sent as `authorization: Bearer …`; refused in
+// clear to anything but loopback), --tls-ca PEM (else $POLKU_REGISTRY_TLS_CA: the CA that
+// verifies an https:// registry; without it, the system roots).
 // Prints `listening on HOST:PORT` and `registered <id>` on stdout, the rest on stderr.
 
 const crypto = require('node:crypto');
+const fs = require('node:fs');
+const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
@@ -45,7 +50,7 @@ function parseArgs(argv) {
     const flag = argv[i];
     const value = argv[i + 1];
     if (!flag.startsWith('--') || value === undefined) {
-      throw new Error(`usage: node plugin.js [--registry ADDR] [--listen ADDR] [--advertise ADDR] [--name N] [--source S]... [--lease-ttl SECONDS] (at ${flag})`);
+      throw new Error(`usage: node plugin.js [--registry ADDR] [--listen ADDR] [--advertise ADDR] [--name N] [--source S]... [--lease-ttl SECONDS] [--token T] [--tls-ca PEM] (at ${flag})`);
     }
     const key = flag.slice(2);
     if (key === 'source') args.source.push(value);
@@ -60,6 +65,8 @@ const config = {
   listen: args.listen || '127.0.0.1:0',
   advertise: args.advertise || '',
   leaseTtl: Number(args['lease-ttl'] || 0),
+  token: args.token || process.env.POLKU_REGISTRY_TOKEN || '',
+  tlsCa: args['tls-ca'] || process.env.POLKU_REGISTRY_TLS_CA || '',
 };
 const INFO = {
   name: args.name || 'node-lines',
@@ -120,12 +127,45 @@ server.addService(polku.v1.IngestorPlugin.service, {
 
 // -- the registry ------------------------------------------------------------------------
 
+function isLoopback(target) {
+  if (target.startsWith('unix:')) return true;
+  const host = target.slice(0, target.lastIndexOf(':')).replace(/^\[|\]$/g, '');
+  if (host === 'localhost') return true;
+  if (net.isIPv4(host)) return host.startsWith('127.');
+  return host === '::1';
+}
+
 function newRegistryClient() {
-  const tls = config.registry.startsWith('https://');
+  const tls = config.registry.startsWith('https://') || Boolean(config.tlsCa);
   const target = config.registry.replace(/^https?:\/\//, '');
-  const credentials = tls ? grpc.credentials.createSsl() : grpc.credentials.createInsecure();
+  if (config.token && !tls && !isLoopback(target)) {
+    throw new Error(`refusing to send a token in clear to ${target}: use https:// or --tls-ca`);
+  }
+  let credentials = tls
+    ? grpc.credentials.createSsl(config.tlsCa ? fs.readFileSync(config.tlsCa) : null)
+    : grpc.credentials.createInsecure();
+  if (config.token) {
+    const bearer = (params, callback) => {
+      const metadata = new grpc.Metadata();
+      metadata.set('authorization', `Bearer ${config.token}`);
+      callback(null, metadata);
+    };
+    // grpc-js sends call credentials over TLS only; on a loopback plaintext channel
+    // the token goes as per-call metadata instead.
+    if (tls) {
+      credentials = grpc.credentials.combineChannelCredentials(
+        credentials,
+        grpc.credentials.createFromMetadataGenerator(bearer),
+      );
+    } else {
+      plainBearer = new grpc.Metadata();
+      plainBearer.set('authorization', `Bearer ${config.token}`);
+    }
+  }
   return new polku.v1.PluginRegistry(target, credentials);
 }
+
+let plainBearer = null;
 
 let registry = newRegistryClient();
 
@@ -138,9 +178,10 @@ function resetRegistryClient() {
 
 function call(method, request, timeoutMs = CALL_TIMEOUT_MS) {
   return new Promise((resolve, reject) => {
-    registry[method](request, { deadline: Date.now() + timeoutMs }, (err, response) =>
-      err ? reject(err) : resolve(response),
-    );
+    const options = { deadline: Date.now() + timeoutMs };
+    const done = (err, response) => (err ? reject(err) : resolve(response));
+    if (plainBearer) registry[method](request, plainBearer.clone(), options, done);
+    else registry[method](request, options, done);
   });
 }
 
