@@ -2,7 +2,8 @@
 
 It answers every call with a canned response of the same size as the registry's,
 so the ratio measures the registry's own cost. Run as a subprocess by the
-benchmarks; prints ``serving on HOST:PORT`` on stderr.
+benchmarks; prints ``serving on HOST:PORT`` on stderr. With ``--tls-cert`` and
+``--tls-key`` it serves TLS, the baseline of the registry's own TLS (bench/trust_bench.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -63,10 +65,17 @@ class NoopRegistry(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         return pb.ListPluginsResponse(plugins=self._plugins, revision=1)
 
 
-async def serve(list_size: int) -> None:
+async def serve(list_size: int, tls: tuple[bytes, bytes] | None = None) -> None:
+    """Serve until terminated; TLS when ``tls`` is given, as (PEM key, PEM chain)."""
     server = grpc.aio.server(options=[("grpc.max_send_message_length", 256 * 1024 * 1024)])
     pb_grpc.add_PluginRegistryServicer_to_server(NoopRegistry(list_size), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    if tls is not None:
+        # Plain static credentials: the registry's reloading ones ask for changes only
+        # before a handshake, never per call, so per call the two cost the same.
+        credentials = grpc.ssl_server_credentials([tls])
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(f"serving on 127.0.0.1:{port}", file=sys.stderr, flush=True)
     await server.wait_for_termination()
@@ -75,4 +84,12 @@ async def serve(list_size: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--list-size", type=int, default=0)
-    asyncio.run(serve(parser.parse_args().list_size))
+    parser.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate chain")
+    parser.add_argument("--tls-key", type=Path, help="key of --tls-cert")
+    args = parser.parse_args()
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    tls = None
+    if args.tls_cert is not None:
+        tls = (args.tls_key.read_bytes(), args.tls_cert.read_bytes())
+    asyncio.run(serve(args.list_size, tls))

@@ -18,7 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-SUITES = ["bench.registry_bench", "bench.ingest_bench", "bench.health_bench"]
+SUITES = [
+    "bench.registry_bench",
+    "bench.ingest_bench",
+    "bench.health_bench",
+    "bench.trust_bench",
+]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
