@@ -23,6 +23,7 @@ SUITES = [
     "bench.ingest_bench",
     "bench.health_bench",
     "bench.trust_bench",
+    "bench.watch_bench",
 ]
 
 

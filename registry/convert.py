@@ -59,6 +59,8 @@ def registered_plugin(plugin: Plugin) -> pb.RegisteredPlugin:
 
 # Field 1, wire type 2 (length-delimited): ``repeated RegisteredPlugin plugins = 1``.
 _LIST_ITEM_TAG = b"\x0a"
+# Field 3, wire type 2: ``repeated RegisteredPlugin upserted = 3`` of a WatchResponse.
+_UPSERTED_TAG = b"\x1a"
 
 
 def _varint(value: int) -> bytes:
@@ -70,6 +72,10 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+def _list_item(data: bytes) -> bytes:
+    return _LIST_ITEM_TAG + _varint(len(data)) + data
+
+
 def plugin_list(items: list[bytes], revision: int, next_page_token: str) -> pb.ListPluginsResponse:
     """A ListPluginsResponse from :meth:`MessageCache.encoded` items.
 
@@ -79,6 +85,31 @@ def plugin_list(items: list[bytes], revision: int, next_page_token: str) -> pb.L
     response = pb.ListPluginsResponse.FromString(b"".join(items))
     response.revision = revision
     response.next_page_token = next_page_token
+    return response
+
+
+def watch_response(
+    revision: int,
+    items: list[bytes],
+    removed: list[str],
+    *,
+    snapshot: bool = False,
+) -> pb.WatchResponse:
+    """A WatchResponse whose ``upserted`` are :meth:`MessageCache.encoded` items.
+
+    The items are framed as field 1 of a list; only their one-byte tag differs from
+    ``upserted``'s, so each is re-tagged through a memoryview (no copy of its own)
+    and the joined bytes parsed once: faster than copying cached messages in, and
+    nothing per plugin is kept beyond the cache's shared bytes.
+    """
+    parts: list[bytes | memoryview] = []
+    for item in items:
+        parts.append(_UPSERTED_TAG)
+        parts.append(memoryview(item)[1:])
+    response = pb.WatchResponse.FromString(b"".join(parts))
+    response.revision = revision
+    response.snapshot = snapshot
+    response.removed_plugin_ids.extend(removed)
     return response
 
 
@@ -101,12 +132,17 @@ class MessageCache:
     """RegisteredPlugin messages (and their encoded bytes), built once per plugin state.
 
     Plugins are immutable, so a cached message is reused while the catalog still
-    holds the very same object; ListPlugins of thousands and Watch snapshots then
-    cost a copy, not a rebuild. Removed plugins are dropped as changes commit.
+    holds the very same object; ListPlugins of thousands and Watch messages are then
+    parsed from the shared encoded bytes, not rebuilt. Removed plugins are dropped
+    as changes commit.
     """
 
     def __init__(self) -> None:
         self._messages: dict[str, _Entry] = {}
+
+    def __contains__(self, plugin_id: object) -> bool:
+        """Whether some state of the plugin ``plugin_id`` is cached."""
+        return plugin_id in self._messages
 
     def _entry(self, plugin: Plugin) -> _Entry:
         entry = self._messages.get(plugin.plugin_id)
@@ -117,12 +153,22 @@ class MessageCache:
     def get(self, plugin: Plugin) -> pb.RegisteredPlugin:
         return self._entry(plugin).message
 
-    def encoded(self, plugin: Plugin) -> bytes:
-        """The plugin as the bytes of a ``RegisteredPlugin`` field (``field 1``) of a list."""
-        entry = self._entry(plugin)
+    def encoded(self, plugin: Plugin, *, keep: bool = True) -> bytes:
+        """The plugin as the bytes of a ``RegisteredPlugin`` field (``field 1``) of a list.
+
+        ``keep=False`` is for a state the catalog may no longer hold (a lagging
+        watcher's change, a snapshot older than the view): the cached bytes if the
+        cache holds this very state, else bytes built for the caller alone, so that
+        old states neither replace newer entries nor bring removed plugins back.
+        """
+        if not keep:
+            entry = self._messages.get(plugin.plugin_id)
+            if entry is None or entry.plugin is not plugin:
+                return _list_item(registered_plugin(plugin).SerializeToString())
+        else:
+            entry = self._entry(plugin)
         if entry.encoded is None:
-            data = entry.message.SerializeToString()
-            entry.encoded = _LIST_ITEM_TAG + _varint(len(data)) + data
+            entry.encoded = _list_item(entry.message.SerializeToString())
         return entry.encoded
 
     async def warm(self, plugins: list[Plugin]) -> None:

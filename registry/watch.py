@@ -3,10 +3,20 @@
 Each watcher has a bounded backlog of changes. A watcher is never cancelled for
 being slow: when its backlog overflows, or it asks to resume from a revision the
 retained log no longer holds, it is sent a fresh snapshot instead ("replace your
-cache"). Memory therefore stays bounded whatever a client does. An idle stream
-gets a progress message (the current revision, no changes) every interval. A
-revision too large for one message (a big snapshot) comes as several messages of
-the same revision; only the first has ``snapshot`` set.
+cache"). An idle stream gets a progress message (the current revision, no changes)
+every interval. A revision too large for one message (a big snapshot) comes as
+several messages of the same revision; only the first has ``snapshot`` set.
+
+Memory does not depend on slow readers (SPEC §7). A snapshot is the view's plugins
+at its revision, taken once as a tuple of references to the catalog's immutable
+``Plugin`` objects and shared by every watcher that snapshots at that revision.
+A revision's messages are built lazily, one of ~MESSAGE_BUDGET bytes each time the
+stream has handed the previous one to gRPC, from the message cache's shared encoded
+bytes: a stream whose reader stopped holds the one message it is blocked on, never
+a copy of the catalogue (and, while it is behind, references to the plugin states
+of the revision it is sending, which every stream at that revision shares). A
+revision once started is always sent to its end, so a client never sees half of one
+revision followed by another.
 """
 
 from __future__ import annotations
@@ -14,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 
 from registry import convert
 from registry.model import Change, Plugin
@@ -25,6 +36,19 @@ from registry.wire import pb
 log = logging.getLogger(__name__)
 
 MESSAGE_BUDGET = 1024 * 1024  # bytes of plugins per Watch message
+
+
+class ViewSnapshot:
+    """The view's plugins at one revision, shared by the watchers snapshotting at it.
+
+    Holds references only: the plugins are the catalog's own immutable objects.
+    """
+
+    __slots__ = ("__weakref__", "plugins", "revision")
+
+    def __init__(self, revision: int, plugins: tuple[Plugin, ...]) -> None:
+        self.revision = revision
+        self.plugins = plugins
 
 
 class Watcher:
@@ -37,6 +61,8 @@ class Watcher:
         self.backlog: deque[Change] = deque()
         self.max_backlog = max_backlog
         self.needs_snapshot = False
+        # The rest of the revision being sent, built one message at a time.
+        self.sending: Iterator[pb.WatchResponse] | None = None
         self.wake = asyncio.Event()
 
     def matches(self, plugin: Plugin) -> bool:
@@ -52,31 +78,6 @@ class Watcher:
         else:
             self.backlog.append(change)
         self.wake.set()
-
-
-def split(
-    revision: int,
-    upserted: list[pb.RegisteredPlugin],
-    removed: list[str],
-    *,
-    snapshot: bool = False,
-) -> list[pb.WatchResponse]:
-    """One revision as messages of at most ~MESSAGE_BUDGET bytes each.
-
-    Large snapshots or changes would exceed a client's receive limit (4 MiB by
-    default) in one message: they come as several messages of the same revision,
-    the first carrying ``snapshot`` and the removals.
-    """
-    messages = [pb.WatchResponse(revision=revision, snapshot=snapshot, removed_plugin_ids=removed)]
-    size = messages[0].ByteSize()
-    for plugin in upserted:
-        plugin_size = plugin.ByteSize() + 8
-        if size + plugin_size > MESSAGE_BUDGET and len(messages[-1].upserted):
-            messages.append(pb.WatchResponse(revision=revision))
-            size = 0
-        messages[-1].upserted.append(plugin)
-        size += plugin_size
-    return messages
 
 
 class WatchHub:
@@ -99,6 +100,8 @@ class WatchHub:
         self._max_backlog = max_backlog
         self._progress_interval = progress_interval
         self._watchers: set[Watcher] = set()
+        # The snapshot at the view's revision while any watcher still sends it.
+        self._snapshot: weakref.ref[ViewSnapshot] | None = None
         self._closed = False
         state.subscribe(self._on_changes, on_reset=self._on_reset)
 
@@ -135,10 +138,11 @@ class WatchHub:
                 # stream is live without waiting for the first progress interval.
                 yield pb.WatchResponse(revision=watcher.revision)
             while not self._closed:
-                messages = self._next(watcher)
-                if messages:
-                    for message in messages:
-                        yield message
+                message = self._next(watcher)
+                if message is not None:
+                    yield message
+                    # Dropped now, not once the next one is built: one at a time.
+                    message = None
                     continue
                 watcher.wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -146,6 +150,7 @@ class WatchHub:
                     continue
                 yield pb.WatchResponse(revision=max(watcher.revision, self._state.view.revision))
         finally:
+            watcher.sending = None
             self._watchers.discard(watcher)
 
     def _subscribe(self, since: int, sources: frozenset[str]) -> Watcher:
@@ -162,28 +167,96 @@ class WatchHub:
         self._watchers.add(watcher)
         return watcher
 
-    def _next(self, watcher: Watcher) -> list[pb.WatchResponse]:
-        if watcher.needs_snapshot:
-            watcher.needs_snapshot = False
-            watcher.backlog.clear()
-            # The committed view: exactly the state at its revision, nothing a crash
-            # could take back; later changes arrive as deltas.
-            view = self._state.view
-            watcher.revision = view.revision
-            plugins = [self._messages.get(p) for p in view if watcher.matches(p)]
-            return split(view.revision, plugins, [], snapshot=True)
-        while watcher.backlog:
-            change = watcher.backlog.popleft()
-            if change.revision <= watcher.revision:
+    def _next(self, watcher: Watcher) -> pb.WatchResponse | None:
+        """The watcher's next message, built now; None when it has nothing to send."""
+        while True:
+            if watcher.sending is not None:
+                message = next(watcher.sending, None)
+                if message is not None:
+                    return message
+                watcher.sending = None
+            if watcher.needs_snapshot:
+                watcher.needs_snapshot = False
+                watcher.backlog.clear()
+                # The committed view: exactly the state at its revision, nothing a crash
+                # could take back; later changes arrive as deltas.
+                snapshot = self._current_snapshot()
+                watcher.revision = snapshot.revision
+                matching = (p for p in snapshot.plugins if watcher.matches(p))
+                watcher.sending = self._messages_of(snapshot.revision, matching, [], snapshot=True)
                 continue
-            watcher.revision = change.revision
-            upserted = [self._messages.get(p) for p in change.upserted if watcher.matches(p)]
-            removed = [p.plugin_id for p in change.removed if watcher.matches(p)]
-            if upserted or removed:
-                return split(change.revision, upserted, removed)
-        return []
+            while watcher.backlog:
+                change = watcher.backlog.popleft()
+                if change.revision <= watcher.revision:
+                    continue
+                watcher.revision = change.revision
+                upserted = [p for p in change.upserted if watcher.matches(p)]
+                removed = [p.plugin_id for p in change.removed if watcher.matches(p)]
+                if upserted or removed:
+                    watcher.sending = self._messages_of(change.revision, upserted, removed)
+                    break
+            if watcher.sending is None:
+                return None
+
+    def _current_snapshot(self) -> ViewSnapshot:
+        """The view's plugins now: shared while some watcher still sends them."""
+        snapshot = self._snapshot() if self._snapshot is not None else None
+        view = self._state.view
+        if snapshot is None or snapshot.revision != view.revision:
+            snapshot = ViewSnapshot(view.revision, tuple(view))
+            self._snapshot = weakref.ref(snapshot)
+        return snapshot
+
+    def _messages_of(
+        self,
+        revision: int,
+        plugins: Iterable[Plugin],
+        removed: list[str],
+        *,
+        snapshot: bool = False,
+    ) -> Iterator[pb.WatchResponse]:
+        """One revision as messages of at most ~MESSAGE_BUDGET bytes, built lazily.
+
+        Large snapshots or changes would exceed a client's receive limit (4 MiB by
+        default) in one message: they come as several messages of the same revision,
+        the first carrying ``snapshot`` and the removals. Each message is built only
+        when the previous one was taken; in between, this holds the encoded items of
+        the next one at most (the cache's shared bytes).
+        """
+        items: list[bytes] = []
+        size = sum(len(plugin_id) + 2 for plugin_id in removed)
+        first = True
+        for plugin in plugins:
+            item = self._encoded(plugin, exact=not snapshot)
+            if items and size + len(item) > MESSAGE_BUDGET:
+                batch, items, size = items, [], 0
+                yield convert.watch_response(
+                    revision, batch, removed if first else [], snapshot=snapshot and first
+                )
+                first = False
+            items.append(item)
+            size += len(item)
+        if items or first:
+            yield convert.watch_response(
+                revision, items, removed if first else [], snapshot=snapshot and first
+            )
+
+    def _encoded(self, plugin: Plugin, *, exact: bool) -> bytes:
+        """A plugin state as the message cache's shared bytes where it can be.
+
+        ``exact``: this very state (a change's, which resumes must see alike);
+        otherwise the view's object of the same revision may stand in for it (a
+        snapshot, whose times were touched since). States the view has left behind
+        (a lagging watcher's, a removed plugin's) are built for the caller alone:
+        they must neither evict newer entries nor bring removed plugins back.
+        """
+        current = self._state.view.get(plugin.plugin_id)
+        if current is None or current.revision != plugin.revision:
+            return self._messages.encoded(plugin, keep=False)
+        return self._messages.encoded(plugin if exact else current)
 
     def _on_changes(self, changes: list[Change]) -> None:
+        self._snapshot = None  # the next snapshot is at the new revision
         for change in changes:
             self._log.append(change)
             for watcher in self._watchers:
@@ -191,6 +264,7 @@ class WatchHub:
 
     def _on_reset(self) -> None:
         # The catalog was reloaded after a failed write: every view must be rebuilt.
+        self._snapshot = None
         self._log.clear()
         for watcher in self._watchers:
             watcher.needs_snapshot = True
