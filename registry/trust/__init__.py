@@ -5,6 +5,8 @@
 - :mod:`registry.trust.policy`: the TOML policy file of principals and tokens.
 - :mod:`registry.trust.auth`: the server interceptor that turns a bearer token or a
   verified client certificate into a principal, and the per-caller limits.
+- :mod:`registry.trust.decoding`: undecodable requests answer INVALID_ARGUMENT, logged
+  once per peer host a minute.
 - :mod:`registry.trust.limits`: token buckets and counters behind those limits.
 - :mod:`registry.trust.tls`: server and client credentials, reloaded when files change.
 """

@@ -19,6 +19,9 @@
    KeepAlive. The per-principal bound on live instances is not here: the catalog
    enforces it, since only it knows which instances are live.
 
+5. Undecodable requests of admitted calls answer INVALID_ARGUMENT
+   (:mod:`registry.trust.decoding`).
+
 A refusal aborts with UNAUTHENTICATED, PERMISSION_DENIED or RESOURCE_EXHAUSTED and a
 message naming what is missing or the limit. Everything counted is released when the
 call ends, however it ends. The handler sees the caller through
@@ -46,6 +49,7 @@ from urllib.parse import unquote
 import grpc
 
 from registry.model import Principal
+from registry.trust.decoding import DecodingGuard
 from registry.trust.limits import BucketsByKey, KeyedCounter, PeerConnections
 from registry.trust.policy import AuthPolicy
 
@@ -250,6 +254,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._secured = _Mode(limits, secured=True)
         self._open = _Mode(limits, secured=False)
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        # Undecodable requests answer INVALID_ARGUMENT once admitted (SPEC §7).
+        self.decoding = DecodingGuard(parse_peer)
 
     # -- what tests and metrics read --
 
@@ -303,9 +309,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             factory, behaviour = grpc.stream_unary_rpc_method_handler, handler.stream_unary
         else:
             factory, behaviour = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+        behaviour, deserializer = self.decoding.wrap(handler, behaviour)
         return factory(
             self._guard(rule, behaviour),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
 

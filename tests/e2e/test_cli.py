@@ -490,7 +490,7 @@ def test_serve_with_a_bad_database_url_is_one_line(url: str) -> None:
 
 
 def test_serve_with_an_out_of_range_setting_is_one_line(tmp_path: Path) -> None:
-    result = cli("serve", "--lease-ttl", "2s", "--db", f"sqlite:///{tmp_path}/r.db")
+    result = cli("serve", "--lease-ttl", "2h", "--db", f"sqlite:///{tmp_path}/r.db")
     assert "lease_ttl" in one_line_error(result)
 
 
