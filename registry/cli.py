@@ -216,6 +216,8 @@ SETTINGS_OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("--healthy-threshold", count, "passed checks that make it healthy again"),
     ("--deregister-after", duration, "how long an unhealthy or expired plugin stays"),
     ("--max-message-bytes", count, "largest request accepted"),
+    ("--max-plugins", count, "registrations held at most"),
+    ("--max-bytes-per-plugin", count, "largest encoded registration"),
 )
 
 
@@ -452,7 +454,9 @@ async def _migrate(args: argparse.Namespace) -> None:
     from registry.migrate import upgrade
     from registry.store import SqlStore
 
-    store = SqlStore.open(_database_url(args))
+    url = _database_url(args)
+    # Only the embedded default's folder is ours to create (SPEC §7).
+    store = SqlStore.open(url, create_folder=url == default_database_url())
     try:
         await upgrade(store.engine)
     finally:

@@ -2,10 +2,11 @@
 
 A Register waits for the transaction that holds its change, so it is durable when
 answered, yet 64 concurrent Registers cost a handful of commits, not 64.
-Heartbeats are staged without waking the writer: they ride along with the next
-commit or the periodic flush, and never cost a commit of their own. Ownership
-records ride in the batch of the change that made them; a release, which makes no
-revision, is staged on its own and committed like any change.
+Heartbeats and health results are staged without waking the writer, as lease
+fields only: they ride along with the next commit or the periodic flush, never cost
+a commit of their own, and never rewrite a plugin's row. Ownership records ride in
+the batch of the change that made them; a release, which makes no revision, is
+staged on its own and committed like any change.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from registry.catalog import OwnershipChange
 from registry.errors import StoreError
 from registry.model import Change, Plugin
-from registry.store import Batch, Store
+from registry.store import Batch, Lease, Store
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,12 @@ class Journal:
         self._batch.own(ownership)
 
     def touch(self, plugin: Plugin) -> None:
-        """Stage a plugin's new state lazily (heartbeats): no commit is asked for."""
-        self._batch.upsert(plugin)
+        """Stage the lease and check fields of ``plugin`` lazily: no commit is asked for.
+
+        For heartbeats and health results that change no status: only those fields
+        are written (:class:`~registry.store.Lease`), never the plugin's row again.
+        """
+        self._batch.touch(plugin.plugin_id, Lease.of(plugin))
 
     async def commit(self) -> None:
         """Wait until everything staged so far is durable.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -23,13 +24,14 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from registry import convert
-from registry.errors import RegistryError, StoreError
+from registry.errors import InvalidArgument, RegistryError, RegistryUnavailable, StoreError
 from registry.lifecycle import AsyncService
 from registry.migrate import upgrade
+from registry.model import PluginStatus
 from registry.poller import CheckSettings, HealthChecker
 from registry.reaper import LeaseReaper
 from registry.service import RegistryService
-from registry.settings import RegistrySettings, is_loopback
+from registry.settings import RegistrySettings, default_database_url, is_loopback
 from registry.state import RegistryState
 from registry.store import SqlStore
 from registry.trust.addresses import AddressPolicy, HostResolver, SystemResolver
@@ -37,6 +39,7 @@ from registry.trust.auth import AuthInterceptor, CallerLimits
 from registry.trust.dial import PluginCredentials
 from registry.trust.policy import PolicyError, PolicyHolder
 from registry.trust.tls import ServerCredentials
+from registry.validation import check_address
 from registry.watch import WatchHub
 from registry.wire import pb, pb_grpc
 
@@ -45,6 +48,9 @@ log = logging.getLogger(__name__)
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["PluginRegistry"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# last_error of a stored plugin whose address the parser of this release refuses.
+QUARANTINED = "quarantined: stored address no longer valid"
+_QUARANTINE_SHOWN = 10  # plugins the one quarantine log line names
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,16 +103,7 @@ class RegistryServer(AsyncService):
         """
         settings = self.settings
         trust = self._trust()
-        try:
-            self._store = SqlStore.open(settings.database_url)
-        except ValueError as exc:
-            raise StoreError(f"database URL: {exc}") from exc
-        await upgrade(self._store.engine)
-        state = RegistryState(
-            self._store, flush_interval=settings.flush_interval, retain=settings.change_log_size
-        )
-        self._state = state
-        await state.start()
+        state = await self._open_database()
         messages = convert.MessageCache()
         state.subscribe(messages.forget, on_reset=messages.clear)
         self._hub = WatchHub(
@@ -192,6 +189,80 @@ class RegistryServer(AsyncService):
                 settings.listen,
             )
 
+    async def _open_database(self) -> RegistryState:
+        """Open, check and migrate the database, load the catalog, quarantine bad rows.
+
+        Refused with one line: a missing folder of an SQLite file (``--db`` never
+        creates one; the embedded default's own folder is created), an SQLite file
+        that exists but is empty, a database that is not this registry's.
+
+        Raises:
+            StoreError: the database cannot be opened, is refused, or cannot be
+                migrated or read; nothing is left open.
+        """
+        settings = self.settings
+        try:
+            # The default's folder (under XDG_DATA_HOME) is the registry's own.
+            own = settings.database_url == default_database_url()
+            self._store = SqlStore.open(settings.database_url, create_folder=own)
+        except ValueError as exc:
+            raise StoreError(f"database URL: {exc}") from exc
+        try:
+            await upgrade(self._store.engine)
+            state = RegistryState(
+                self._store, flush_interval=settings.flush_interval, retain=settings.change_log_size
+            )
+            self._state = state
+            await state.start()
+            await self._quarantine(state)
+        except BaseException:
+            await self.stop()
+            raise
+        return state
+
+    async def _quarantine(self, state: RegistryState) -> None:
+        """Take stored plugins whose address no longer parses out of service.
+
+        An earlier release accepted addresses the strict parser now refuses
+        (``unix://x``). Such a plugin is logged once here, never dialled (the
+        checker parses before it dials), made UNHEALTHY in one revision that
+        watchers hear of, and removed after ``deregister_after`` like any dead one.
+        """
+        limits = self.settings.limits
+        bad: list[tuple[str, str]] = []
+        quarantined = []
+        for plugin in state.catalog:
+            try:
+                check_address("address", plugin.address, limits)
+            except InvalidArgument:
+                bad.append((plugin.plugin_id, plugin.address))
+                # Dead ones stay as they are: an EXPIRED one must not take its sources back.
+                if plugin.status in (PluginStatus.HEALTHY, PluginStatus.UNKNOWN):
+                    quarantined.append(
+                        dataclasses.replace(
+                            plugin, status=PluginStatus.UNHEALTHY, last_error=QUARANTINED
+                        )
+                    )
+        if not bad:
+            return
+        shown = ", ".join(
+            f"{plugin_id} at {address!r}" for plugin_id, address in bad[:_QUARANTINE_SHOWN]
+        )
+        more = f" and {len(bad) - _QUARANTINE_SHOWN} more" if len(bad) > _QUARANTINE_SHOWN else ""
+        log.warning(
+            "quarantined %d stored plugin(s) whose address is no longer valid (never "
+            "dialled, removed after deregister_after): %s%s",
+            len(bad),
+            shown,
+            more,
+        )
+        if not quarantined:
+            return  # quarantined at an earlier start
+        try:
+            await state.update(quarantined)
+        except RegistryUnavailable as exc:  # never dialled all the same
+            log.warning("quarantine not stored: %s", exc)
+
     async def reload_policy(self) -> bool:
         """Re-read the auth policy file (SIGHUP); a bad file keeps the old policy."""
         return await self.policy.reload() if self.policy is not None else False
@@ -263,21 +334,37 @@ class RegistryServer(AsyncService):
         await self._health.set(SERVICE_NAME, status)
 
     async def _watch_database(self) -> None:
-        """Own health follows the database: NOT_SERVING while it does not answer."""
+        """Own health follows the database: NOT_SERVING while it fails or takes no writes.
+
+        A failed write turns it NOT_SERVING at once (a full disk answers pings but
+        takes no writes). Then a probe write is tried every ``db_check_interval``,
+        and the first write that succeeds, the probe's or the journal's, turns it
+        SERVING again. While writes succeed, a ping each interval is enough.
+        """
+        store = self._store
+        assert store is not None
         serving = True
         while True:
-            await asyncio.sleep(self.settings.db_check_interval)
+            changed = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(store.write_changed(), self.settings.db_check_interval)
+                changed = True
             try:
-                assert self._store is not None
-                await self._store.ping()
-                ok = self.state.writable
+                if store.write_error is None:
+                    await store.ping()
+                elif not changed:  # right after the failure: say so, probe next time
+                    await store.probe_write()
+                why = "its database takes no writes" if store.write_error else "recovering"
+                ok = store.write_error is None and self.state.writable
             except StoreError as exc:
-                ok = False
-                if serving:
-                    log.warning("registry database unreachable: %s", exc)
+                ok, why = False, str(exc)
             except Exception:
                 log.exception("database health check failed")
                 continue
             if ok != serving:
                 serving = ok
+                if ok:
+                    log.info("registry SERVING again: its database takes writes")
+                else:
+                    log.warning("registry NOT_SERVING: %s", store.write_error or why)
                 await self._set_health(ok)

@@ -1,34 +1,52 @@
 """Durable storage of the catalog in SQLite (embedded default) or PostgreSQL.
 
 All SQL of the project lives here. The store keeps no state of its own beyond the
-engine: it loads everything at start and then writes batches of changes, one
-transaction per batch. Database errors leave it as :class:`StoreError`, chained.
+engine and the outcome of its last write: it loads everything at start and then
+writes batches of changes, one transaction per batch. A plugin's lease and check
+fields (:class:`Lease`) change without a revision and are written apart from its
+row, in ``plugin_leases``: a heartbeat or a health result costs a few bytes, never
+the plugin's labels again (SPEC §7). Database errors leave it as
+:class:`StoreError`, chained.
+
+The folder of an SQLite file is never created unless the caller says it is its own
+(the registry's default data folder): a typo in ``--db`` must not start an empty
+registry somewhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import bindparam, delete, event, insert, select, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from registry.catalog import Claim, ClaimKey, ClaimKind, Owner, OwnershipChange
 from registry.errors import StoreError
 from registry.model import Change, Plugin, PluginStatus, PluginType, Registration
-from registry.tables import ChangeRow, ClaimRow, OwnerRow, PluginRow, RegistryMetaRow
+from registry.tables import ChangeRow, ClaimRow, LeaseRow, OwnerRow, PluginRow, RegistryMetaRow
 
 _CHUNK = 500  # ids per IN (...) clause; SQLite caps bound parameters
 
+_PLUGINS: Any = PluginRow.__table__
+_LEASES: Any = LeaseRow.__table__
+_LEASE_FIELDS = ("last_heartbeat_at", "last_check_at", "last_error")
+
 # Built once: SQLAlchemy caches their compiled form.
 _DELETE_PLUGINS = delete(PluginRow).where(PluginRow.plugin_id.in_(bindparam("ids", expanding=True)))
+_DELETE_LEASES = delete(LeaseRow).where(LeaseRow.plugin_id.in_(bindparam("ids", expanding=True)))
+# A plugin with its lease; a row without one (written by hand, say) has no heartbeat yet.
+_LOAD_PLUGINS = select(*_PLUGINS.columns, *(_LEASES.c[name] for name in _LEASE_FIELDS)).select_from(
+    _PLUGINS.outerjoin(_LEASES, _LEASES.c.plugin_id == _PLUGINS.c.plugin_id)
+)
 _TRIM_CHANGES = delete(ChangeRow).where(ChangeRow.revision <= bindparam("oldest"))
 _INSERT_CHANGES = insert(ChangeRow)
 _DELETE_OWNERS = delete(OwnerRow).where(OwnerRow.name.in_(bindparam("names", expanding=True)))
@@ -37,11 +55,15 @@ _DELETE_CLAIMS = delete(ClaimRow).where(
 )
 
 
-def _upsert(dialect: str, table: Any, *keys: str) -> Any:
-    """INSERT ... ON CONFLICT (keys) DO UPDATE: a new row or a new state, one statement."""
+def _upsert(dialect: str, table: Any, *keys: str, only: Sequence[str] = ()) -> Any:
+    """INSERT ... ON CONFLICT (keys) DO UPDATE: a new row or a new state, one statement.
+
+    An existing row gets every other column, or only those ``only`` names.
+    """
     module = sqlite if dialect == "sqlite" else postgresql
     statement = module.insert(table)
-    changed = {c.name: statement.excluded[c.name] for c in table.columns if c.name not in keys}
+    names = only or [c.name for c in table.columns if c.name not in keys]
+    changed = {name: statement.excluded[name] for name in names}
     return statement.on_conflict_do_update(index_elements=list(keys), set_=changed)
 
 
@@ -75,12 +97,31 @@ class Snapshot:
     claims: list[Claim] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A plugin's fields that change without a revision: its lease and its last check."""
+
+    last_heartbeat_at: datetime | None = None
+    last_check_at: datetime | None = None
+    last_error: str = ""
+
+    @classmethod
+    def of(cls, plugin: Plugin) -> Lease:
+        return cls(plugin.last_heartbeat_at, plugin.last_check_at, plugin.last_error)
+
+
 @dataclass(slots=True)
 class Batch:
-    """Writes made durable together in one transaction."""
+    """Writes made durable together in one transaction.
+
+    ``upserts`` write whole plugins (a registration, a new revision of one);
+    ``touches`` write only the lease and check fields of a stored plugin (a
+    heartbeat, a health result that changed no status).
+    """
 
     revision: int = 0
     upserts: dict[str, Plugin] = field(default_factory=dict)
+    touches: dict[str, Lease] = field(default_factory=dict)
     removals: set[str] = field(default_factory=set)
     # Appended to the change log; entries older than ``retain`` revisions are dropped.
     changes: list[Change] = field(default_factory=list)
@@ -90,11 +131,31 @@ class Batch:
     claims: dict[ClaimKey, Claim | None] = field(default_factory=dict)
 
     def upsert(self, plugin: Plugin) -> None:
+        """Stage a plugin's whole state; it carries its lease, so a staged touch goes."""
         self.upserts[plugin.plugin_id] = plugin
+        self.touches.pop(plugin.plugin_id, None)
         self.removals.discard(plugin.plugin_id)
+
+    def touch(self, plugin_id: str, lease: Lease) -> None:
+        """Stage new lease and check fields of a plugin.
+
+        A full upsert of the plugin in this batch wins: the plugin is written once,
+        with the newer lease. A plugin staged for removal stays removed.
+        """
+        staged = self.upserts.get(plugin_id)
+        if staged is not None:
+            self.upserts[plugin_id] = dataclasses.replace(
+                staged,
+                last_heartbeat_at=lease.last_heartbeat_at,
+                last_check_at=lease.last_check_at,
+                last_error=lease.last_error,
+            )
+        elif plugin_id not in self.removals:
+            self.touches[plugin_id] = lease
 
     def remove(self, plugin_id: str) -> None:
         self.upserts.pop(plugin_id, None)
+        self.touches.pop(plugin_id, None)
         self.removals.add(plugin_id)
 
     def own(self, change: OwnershipChange) -> None:
@@ -102,8 +163,13 @@ class Batch:
         self.owners.update(change.owners)
         self.claims.update(change.claims)
 
+    @property
+    def moves_revision(self) -> bool:
+        """Whether it holds revisioned writes (else ``registry_meta`` is not rewritten)."""
+        return bool(self.changes or self.upserts or self.removals)
+
     def __bool__(self) -> bool:
-        return bool(self.upserts or self.removals or self.changes or self.owners or self.claims)
+        return bool(self.moves_revision or self.touches or self.owners or self.claims)
 
 
 class Store(Protocol):
@@ -117,32 +183,42 @@ class Store(Protocol):
 
 
 class SqlStore:
-    """The :class:`Store` on SQLAlchemy async: aiosqlite (WAL) or asyncpg."""
+    """The :class:`Store` on SQLAlchemy async: aiosqlite (WAL) or asyncpg.
+
+    It remembers whether its last write failed (:attr:`write_error`), for the
+    registry's own health: NOT_SERVING while writes fail, SERVING once one succeeds.
+    """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self._upsert_plugins = _upsert(engine.dialect.name, PluginRow.__table__, "plugin_id")
-        self._upsert_meta = _upsert(engine.dialect.name, RegistryMetaRow.__table__, "id")
-        self._upsert_owners = _upsert(engine.dialect.name, OwnerRow.__table__, "name")
-        self._upsert_claims = _upsert(engine.dialect.name, ClaimRow.__table__, "kind", "key")
+        dialect = engine.dialect.name
+        meta = RegistryMetaRow.__table__
+        self._upsert_plugins = _upsert(dialect, _PLUGINS, "plugin_id")
+        self._upsert_leases = _upsert(dialect, _LEASES, "plugin_id")
+        self._upsert_revision = _upsert(dialect, meta, "id", only=["revision"])
+        self._upsert_probe = _upsert(dialect, meta, "id", only=["probed_at"])
+        self._upsert_owners = _upsert(dialect, OwnerRow.__table__, "name")
+        self._upsert_claims = _upsert(dialect, ClaimRow.__table__, "kind", "key")
+        self._write_error: StoreError | None = None
+        self._write_changed = asyncio.Event()
 
     @classmethod
-    def open(cls, url: str) -> SqlStore:
-        """Create the engine (no connection yet); creates the SQLite file's folder.
+    def open(cls, url: str, *, create_folder: bool = False) -> SqlStore:
+        """Create the engine (no connection yet).
+
+        The SQLite file's folder must exist; ``create_folder`` creates it instead,
+        for a folder that is the caller's own (the registry's default data folder).
 
         Raises:
             ValueError: the URL is malformed or names an unsupported database.
-            StoreError: the SQLite file's folder cannot be created.
+            StoreError: the SQLite file's folder does not exist or cannot be created.
         """
         url = normalize_url(url)
         parsed = make_url(url)
         if parsed.get_backend_name() == "sqlite":
-            if parsed.database and parsed.database != ":memory:":
-                folder = Path(parsed.database).parent
-                try:
-                    folder.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise StoreError(f"cannot create {folder}: {exc.strerror}") from exc
+            path = sqlite_path(url)
+            if path is not None:
+                _check_folder(path.parent, create=create_folder)
             engine = create_async_engine(url, connect_args={"timeout": 30})
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         else:
@@ -159,7 +235,7 @@ class SqlStore:
         """
         try:
             async with self.engine.connect() as conn:
-                rows = (await conn.execute(select(*PluginRow.__table__.columns))).mappings().all()
+                rows = (await conn.execute(_LOAD_PLUGINS)).mappings().all()
                 revision = await conn.scalar(
                     select(RegistryMetaRow.revision).where(RegistryMetaRow.id == 1)
                 )
@@ -191,19 +267,32 @@ class SqlStore:
         # Decoding thousands of entries is CPU work: off the event loop.
         return await asyncio.to_thread(_changes_from_rows, history)
 
+    @property
+    def write_error(self) -> StoreError | None:
+        """Why the last write (or write probe) failed; None once one succeeded."""
+        return self._write_error
+
+    async def write_changed(self) -> None:
+        """Return once writes started or stopped failing since the last call.
+
+        For one waiter (the registry's own health); cancel it to stop waiting.
+        """
+        await self._write_changed.wait()
+        self._write_changed.clear()
+
     async def write(self, batch: Batch) -> None:
         """Apply a batch in one transaction; durable when this returns.
+
+        Touches write ``plugin_leases`` rows alone; an upsert writes the plugin's
+        row and its lease row. A batch that moves no revision (touches, ownership)
+        leaves ``registry_meta`` alone.
 
         Raises:
             StoreError: the database failed; nothing of the batch was written.
         """
         try:
             async with self.engine.begin() as conn:
-                for chunk in _chunks(sorted(batch.removals)):
-                    await conn.execute(_DELETE_PLUGINS, {"ids": list(chunk)})
-                if batch.upserts:
-                    rows = [_row_from_plugin(p) for p in batch.upserts.values()]
-                    await conn.execute(self._upsert_plugins, rows)
+                await self._write_plugins(conn, batch)
                 if batch.changes:
                     entries = [
                         {
@@ -218,9 +307,26 @@ class SqlStore:
                 # Ownership in the same transaction: a Register answered is durable
                 # together with what it recorded, or neither is stored.
                 await self._write_ownership(conn, batch)
-                await conn.execute(self._upsert_meta, {"id": 1, "revision": batch.revision})
+                if batch.moves_revision:
+                    await conn.execute(self._upsert_revision, {"id": 1, "revision": batch.revision})
         except (SQLAlchemyError, OSError) as exc:
-            raise StoreError(f"cannot write to the registry database: {exc}") from exc
+            error = StoreError(f"cannot write to the registry database: {exc}")
+            self._wrote(error)
+            raise error from exc
+        self._wrote(None)
+
+    async def _write_plugins(self, conn: AsyncConnection, batch: Batch) -> None:
+        for chunk in _chunks(sorted(batch.removals)):
+            await conn.execute(_DELETE_PLUGINS, {"ids": list(chunk)})
+            await conn.execute(_DELETE_LEASES, {"ids": list(chunk)})
+        if batch.upserts:
+            await conn.execute(
+                self._upsert_plugins, [_plugin_row(p) for p in batch.upserts.values()]
+            )
+        leases = [_lease_row(p.plugin_id, Lease.of(p)) for p in batch.upserts.values()]
+        leases += [_lease_row(plugin_id, lease) for plugin_id, lease in batch.touches.items()]
+        if leases:
+            await conn.execute(self._upsert_leases, leases)
 
     async def _write_ownership(self, conn: AsyncConnection, batch: Batch) -> None:
         gone = sorted(name for name, owner in batch.owners.items() if owner is None)
@@ -247,6 +353,32 @@ class SqlStore:
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"database unreachable: {exc}") from exc
 
+    async def probe_write(self) -> None:
+        """Prove the database takes writes: store a new ``registry_meta.probed_at``.
+
+        The probe changes a value: SQLite writes nothing for a row that stays the
+        same, and such a probe would pass on a full disk. Clears :attr:`write_error`
+        when it succeeds.
+
+        Raises:
+            StoreError: the write failed (:attr:`write_error` says so too).
+        """
+        # revision 0 only if the row is missing (no revision was ever stored).
+        row = {"id": 1, "revision": 0, "probed_at": datetime.now(UTC)}
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(self._upsert_probe, row)
+        except (SQLAlchemyError, OSError) as exc:
+            error = StoreError(f"cannot write to the registry database: {exc}")
+            self._wrote(error)
+            raise error from exc
+        self._wrote(None)
+
+    def _wrote(self, error: StoreError | None) -> None:
+        if (error is None) != (self._write_error is None):
+            self._write_changed.set()
+        self._write_error = error
+
     async def close(self) -> None:
         await self.engine.dispose()
 
@@ -272,12 +404,55 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
+def sqlite_path(url: str | URL) -> Path | None:
+    """The file of an SQLite URL; None for another database or an in-memory one."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def _check_folder(folder: Path, *, create: bool) -> None:
+    """Refuse a missing folder for the database file, or create it when it is ours.
+
+    Raises:
+        StoreError: it does not exist or is no folder, or cannot be created.
+    """
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create database folder {folder}: {exc.strerror}") from exc
+    elif not folder.exists():
+        raise StoreError(f"database folder {folder} does not exist")
+    elif not folder.is_dir():
+        raise StoreError(f"database folder {folder} is not a folder")
+
+
 def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
     for start in range(0, len(items), _CHUNK):
         yield items[start : start + _CHUNK]
 
 
+def _plugin_row(plugin: Plugin) -> dict[str, Any]:
+    """The ``plugins`` row: the plugin as of its revision, without its lease."""
+    row = _row_from_plugin(plugin)
+    for name in _LEASE_FIELDS:
+        del row[name]
+    return row
+
+
+def _lease_row(plugin_id: str, lease: Lease) -> dict[str, Any]:
+    return {
+        "plugin_id": plugin_id,
+        "last_heartbeat_at": lease.last_heartbeat_at,
+        "last_check_at": lease.last_check_at,
+        "last_error": lease.last_error,
+    }
+
+
 def _row_from_plugin(plugin: Plugin) -> dict[str, Any]:
+    """Every field of a plugin, lease included: what the change log stores."""
     reg = plugin.registration
     return {
         "plugin_id": plugin.plugin_id,
@@ -321,7 +496,7 @@ def _plugin_from_row(row: Any) -> Plugin:
         registered_at=row["registered_at"],
         last_heartbeat_at=row["last_heartbeat_at"],
         last_check_at=row["last_check_at"],
-        last_error=row["last_error"],
+        last_error=row["last_error"] or "",  # None: no lease row (see _LOAD_PLUGINS)
         revision=row["revision"],
         status_since=row["status_since"],
     )

@@ -90,7 +90,9 @@ async def running_registry(
     knows only ``localhost``: tests never ask real DNS.
     """
     settings.setdefault("listen", "127.0.0.1:0")
-    settings.setdefault("database_url", f"sqlite:///{Path(folder) / 'registry.db'}")
+    if "database_url" not in settings:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        settings["database_url"] = f"sqlite:///{Path(folder) / 'registry.db'}"
     server = RegistryServer(RegistrySettings(**settings), resolver=resolver or StaticResolver())
     async with server:
         yield server

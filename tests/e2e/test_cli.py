@@ -466,6 +466,7 @@ def test_a_flag_overrides_a_malformed_variable(registry_address: str) -> None:
 
 def test_migrate_creates_the_schema(tmp_path: Path) -> None:
     db = tmp_path / "sub" / "x.db"
+    db.parent.mkdir()  # --db never creates folders (SPEC §7)
     for _ in range(2):  # and again: already at head
         out = ok(cli("migrate", "--db", f"sqlite:///{db}"))
         assert out.count("\n") == 1

@@ -1,12 +1,20 @@
-"""A database that goes away: the registry says so, refuses writes cleanly, and recovers.
+"""A database that goes away or fills up: the registry says so, refuses writes, recovers.
 
-PostgreSQL only: connections to the run's database are refused and cut
-(``ALLOW_CONNECTIONS false`` + ``pg_terminate_backend``), then allowed again.
+SPEC §7 "Own health is honest": NOT_SERVING while writes fail, SERVING again when they
+succeed. PostgreSQL: connections to the run's database are refused and cut
+(``ALLOW_CONNECTIONS false`` + ``pg_terminate_backend``), then allowed again. SQLite: the
+database lives on a small tmpfs (root only) that a file fills up, then is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,10 +23,12 @@ from sqlalchemy.engine import make_url
 
 from registry.client import RegistryClient
 from registry.errors import RegistryUnavailable
+from registry.service import STORE_FAILED
 from registry.testing import running_registry
 from registry.wire import pb
 
-pytestmark = pytest.mark.postgres
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def _info(name: str) -> pb.PluginInfo:
@@ -35,6 +45,7 @@ async def _set_connections(admin, admin_url: str, database: str, allowed: bool) 
     await admin(admin_url, *statements)
 
 
+@pytest.mark.postgres
 async def test_an_unreachable_database_means_not_serving_and_unavailable_writes(
     postgres_url: str, tmp_path, wait_for, postgres_admin
 ) -> None:
@@ -85,3 +96,96 @@ async def _register_ok(client: RegistryClient, name: str) -> bool:
     except RegistryUnavailable:
         return False
     return True
+
+
+# -- a full disk (SQLite) ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str = "4m") -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted on ``folder``; unmounted on exit."""
+    if os.geteuid() != 0:
+        pytest.skip("the full-disk test mounts a tmpfs, which needs root")
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(path: Path) -> int:
+    """Write ``path`` until its file system has no byte left; the bytes written."""
+    written = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 16, 4096, 512, 1):
+            chunk = b"\0" * size
+            while True:
+                try:
+                    n = os.write(fd, chunk)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+                if n == 0:
+                    break
+                written += n
+    finally:
+        os.close(fd)
+    return written
+
+
+async def test_a_full_disk_means_not_serving_and_unavailable_writes(
+    tmp_path: Path, wait_for, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    with small_disk(tmp_path / "disk") as disk:
+        async with (
+            running_registry(disk, db_check_interval=0.05, health_interval=3600.0) as server,
+            RegistryClient(server.address) as client,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def status() -> int:
+                response = await health.Check(health_pb2.HealthCheckRequest(service=""))
+                return int(response.status)
+
+            await client.register(_info("kept"), "127.0.0.1:1", no_lease=True)
+            assert await status() == SERVING
+            filler = disk / "filler"
+            assert fill(filler) > 0
+            try:
+                # The write-ahead log cannot grow: the commit of a Register fails.
+                with pytest.raises(RegistryUnavailable) as caught:
+                    await client.register(_info("lost"), "127.0.0.1:1", no_lease=True)
+                details = str(caught.value)
+                # One of the fixed messages (the commit failed, or the catalog is reloading).
+                fixed = (STORE_FAILED, "the registry database is unavailable; retry shortly")
+                assert details.endswith(fixed), details
+                for leak in ("SQL", "sqlite", "full", "INSERT", str(disk)):
+                    assert leak not in details, (leak, details)
+                assert "database or disk is full" in caplog.text  # the log has the reason
+                # Pings still answer and the catalog reloads, but writes fail: NOT_SERVING.
+                await wait_for(lambda: _is(status(), NOT_SERVING), within=20)
+                assert await status() == NOT_SERVING  # and stays so: probes fail too
+                with pytest.raises(RegistryUnavailable):
+                    await client.register(_info("lost-too"), "127.0.0.1:1", no_lease=True)
+                assert await status() == NOT_SERVING
+                # Reads keep answering from memory.
+                assert [p.info.name for p in await client.list_plugins()] == ["kept"]
+            finally:
+                filler.unlink()
+            await wait_for(lambda: _is(status(), SERVING), within=20)
+            assert await wait_for(lambda: _register_ok(client, "after"), within=20)
+            listed = {p.info.name for p in await client.list_plugins()}
+            assert listed == {"kept", "after"}, listed  # the refused ones were never stored

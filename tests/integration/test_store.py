@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from registry import RegistryClient, RegistryServer, RegistrySettings, StoreError
 from registry.catalog import Claim, Owner, OwnershipChange
 from registry.migrate import upgrade
 from registry.model import Change, Plugin, PluginStatus, PluginType, Registration
-from registry.store import Batch, SqlStore, normalize_url
+from registry.store import Batch, Lease, SqlStore, normalize_url
 from registry.ulid import new_ulid
 from registry.wire import pb
 
@@ -357,3 +359,180 @@ async def test_a_restarted_registry_has_its_plugins_and_revision(database_url: s
             "127.0.0.1:3",
         )
         assert (await client.get_plugin(again.plugin_id)).revision > revision
+
+
+# -- lease and check fields, apart from the plugin row -------------------------------
+
+
+def test_a_batch_keeps_touches_apart_and_a_full_upsert_wins():
+    a, b = plugin("alpha"), plugin("beta")
+    later = Lease(last_heartbeat_at=T0 + timedelta(seconds=9), last_error="slow")
+    batch = Batch()
+    batch.touch(a.plugin_id, later)
+    assert batch.touches == {a.plugin_id: later}
+    assert batch
+    assert not batch.moves_revision  # registry_meta is not rewritten for it
+
+    # An upsert after the touch carries its own (newer) lease: the touch goes.
+    batch.upsert(a)
+    assert batch.touches == {}
+    assert batch.upserts == {a.plugin_id: a}
+    # A touch after the upsert: still one full write, with the newer lease in it.
+    batch.touch(a.plugin_id, later)
+    assert batch.touches == {}
+    assert batch.upserts[a.plugin_id] == dataclasses.replace(
+        a, last_heartbeat_at=later.last_heartbeat_at, last_check_at=None, last_error="slow"
+    )
+    # A removal wins over both; a touch of a removed plugin stays unwritten.
+    batch.touch(b.plugin_id, later)
+    batch.remove(b.plugin_id)
+    batch.touch(b.plugin_id, later)
+    assert batch.touches == {}
+    assert batch.removals == {b.plugin_id}
+
+
+async def test_a_touch_writes_the_lease_and_moves_no_revision(store):
+    a, b = plugin("alpha"), plugin("beta")
+    first = Batch(revision=2)
+    first.upsert(a)
+    first.upsert(b)
+    first.changes = [Change(1, upserted=(a,)), Change(2, upserted=(b,))]
+    await store.write(first)
+
+    checked = Lease(
+        last_heartbeat_at=T0 + timedelta(seconds=30),
+        last_check_at=T0 + timedelta(seconds=31),
+        last_error="DEADLINE_EXCEEDED: no answer within 2s",
+    )
+    # A batch of touches alone carries a stale revision: it must not be written.
+    touches = Batch(revision=0)
+    touches.touch(a.plugin_id, checked)
+    await store.write(touches)
+
+    snapshot = await store.load()
+    assert snapshot.revision == 2
+    assert by_id(snapshot.plugins) == by_id(
+        [
+            dataclasses.replace(
+                a,
+                last_heartbeat_at=checked.last_heartbeat_at,
+                last_check_at=checked.last_check_at,
+                last_error=checked.last_error,
+            ),
+            b,
+        ]
+    )
+    assert await store.load_history() == first.changes  # the change log is untouched
+
+
+async def test_a_removal_takes_the_lease_with_it(store):
+    a = plugin("alpha")
+    batch = Batch(revision=1)
+    batch.upsert(a)
+    await store.write(batch)
+    removal = Batch(revision=2)
+    removal.remove(a.plugin_id)
+    await store.write(removal)
+    async with store.engine.connect() as conn:
+        leases = (await conn.execute(text("SELECT COUNT(*) FROM plugin_leases"))).scalar()
+    assert leases == 0
+    assert (await store.load()).plugins == []
+
+
+async def test_a_plugin_row_without_a_lease_loads_and_takes_a_touch(store):
+    """A row written by hand (or by a tool) has no lease row: no heartbeat yet."""
+    a = plugin("alpha", last_heartbeat_at=None, last_error="")
+    batch = Batch(revision=1)
+    batch.upsert(a)
+    await store.write(batch)
+    async with store.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM plugin_leases"))
+    assert (await store.load()).plugins == [a]
+
+    touch = Batch(revision=1)
+    touch.touch(a.plugin_id, Lease(last_heartbeat_at=T0 + timedelta(seconds=3)))
+    await store.write(touch)
+    assert (await store.load()).plugins == [
+        dataclasses.replace(a, last_heartbeat_at=T0 + timedelta(seconds=3))
+    ]
+
+
+# -- write failures, for the registry's own health ----------------------------------
+
+
+async def test_a_failed_write_is_remembered_until_a_write_or_a_probe_succeeds(tmp_path):
+    store = SqlStore.open(f"sqlite:///{tmp_path}/registry.db")
+    try:
+        await upgrade(store.engine)
+        assert store.write_error is None
+        refuse = ["INSERT", "UPDATE"]
+        async with store.engine.begin() as conn:
+            for op in refuse:  # every write ends in registry_meta, and so does the probe
+                await conn.execute(
+                    text(
+                        f"CREATE TRIGGER no_{op.lower()} BEFORE {op} ON registry_meta "
+                        "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+                    )
+                )
+        batch = Batch(revision=1)
+        batch.upsert(plugin("alpha"))
+        with pytest.raises(StoreError):
+            await store.write(batch)
+        assert store.write_error is not None
+        assert "disk is full" in str(store.write_error)
+        await asyncio.wait_for(store.write_changed(), 5)  # it says so at once
+        with pytest.raises(StoreError):
+            await store.probe_write()
+        assert store.write_error is not None
+
+        async with store.engine.begin() as conn:
+            for op in refuse:
+                await conn.execute(text(f"DROP TRIGGER no_{op.lower()}"))
+        await store.probe_write()
+        assert store.write_error is None
+        await asyncio.wait_for(store.write_changed(), 5)
+        async with store.engine.connect() as conn:
+            probed = (await conn.execute(text("SELECT probed_at FROM registry_meta"))).scalar()
+        assert probed is not None  # the probe really wrote
+        await store.write(batch)
+        assert (await store.load()).revision == 1  # a probe never stores a revision of its own
+    finally:
+        await store.close()
+
+
+async def test_a_probe_keeps_the_revision(store):
+    batch = Batch(revision=7)
+    batch.upsert(plugin("alpha"))
+    await store.write(batch)
+    await store.probe_write()
+    await store.probe_write()
+    assert (await store.load()).revision == 7
+
+
+# -- the folder of an SQLite file ---------------------------------------------------
+
+
+async def test_a_missing_folder_is_refused_and_not_created(tmp_path):
+    folder = tmp_path / "typo" / "deeper"
+    with pytest.raises(StoreError) as caught:
+        SqlStore.open(f"sqlite:///{folder}/registry.db")
+    assert str(caught.value) == f"database folder {folder} does not exist"
+    assert not (tmp_path / "typo").exists()
+
+
+async def test_a_folder_of_its_own_is_created(tmp_path):
+    folder = tmp_path / "own" / "polku-registry"
+    store = SqlStore.open(f"sqlite:///{folder}/registry.db", create_folder=True)
+    try:
+        await upgrade(store.engine)
+    finally:
+        await store.close()
+    assert (folder / "registry.db").is_file()
+
+
+async def test_the_default_database_creates_its_own_folder(tmp_path, monkeypatch):
+    """``polku-registry serve`` with no --db on a fresh machine: the data folder is ours."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "fresh-home" / "share"))
+    async with RegistryServer(RegistrySettings(listen="127.0.0.1:0")) as server:
+        assert server.state.view.revision == 0
+    assert (tmp_path / "fresh-home" / "share" / "polku-registry" / "registry.db").is_file()
