@@ -5,9 +5,12 @@
       └──────────── probe succeeds ──────┼───────────────────────┘
                                          └──── probe fails ──────┘
 
-Only transport failures count (the endpoint could not be reached or timed out); a
-plugin that answers, even with an error, is up. Thread-safe: one breaker is shared by
-every event loop that calls the endpoint.
+Failures are what a working plugin never does: the endpoint could not be reached or
+timed out, or it answered with something the gateway refuses (over
+``max_response_bytes``, more than ``max_events`` events, bytes that do not decode).
+A plugin that answers well-formed, even with an error status or only errors, is up:
+the payload is the problem. Thread-safe: one breaker is shared by every event loop
+that calls the endpoint.
 """
 
 from __future__ import annotations

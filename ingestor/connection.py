@@ -17,18 +17,25 @@ import logging
 from collections.abc import Collection, Iterable
 
 import grpc
+from google.protobuf.empty_pb2 import Empty
 
 from ingestor.errors import PluginConnectionError
 from registry.errors import InvalidArgument
 from registry.trust.addresses import AddressRefused
 from registry.trust.dial import PluginDialer
-from registry.wire import pb_grpc
+from registry.wire import pb
 
 log = logging.getLogger(__name__)
 
 _READY = grpc.ChannelConnectivity.READY
 _FAILED = grpc.ChannelConnectivity.TRANSIENT_FAILURE
 _SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
+
+# Answers are handed over as bytes: the ingestor decodes them itself (Ingest's within
+# its limits, ingestor.answer), so bytes that do not decode are its own error. gRPC's
+# deserializers would log a traceback and hand back None.
+_INGEST = "/polku.v1.IngestorPlugin/Ingest"
+_HEALTH = "/polku.v1.IngestorPlugin/Health"
 
 # gRPC shares subchannels between channels to one address; a shared one still backing
 # off after a failure would make a fresh channel fail at once. Dropping a broken
@@ -37,12 +44,19 @@ _OWN_SUBCHANNELS = ("grpc.use_local_subchannel_pool", 1)
 
 
 class PluginConnection:
-    """A channel and an ``IngestorPlugin`` stub to one endpoint; connects lazily."""
+    """A channel to one endpoint's ``IngestorPlugin`` service; connects lazily.
+
+    ``ingest`` and ``health`` are the ``Ingest`` and ``Health`` methods; they answer the
+    encoded response (bytes), for the caller to decode.
+    """
 
     def __init__(self, address: str, channel: grpc.aio.Channel) -> None:
         self.address = address
         self.channel = channel
-        self.stub = pb_grpc.IngestorPluginStub(self.channel)
+        self.ingest = channel.unary_unary(
+            _INGEST, request_serializer=pb.IngestRequest.SerializeToString
+        )
+        self.health = channel.unary_unary(_HEALTH, request_serializer=Empty.SerializeToString)
         self.ready = False
         # Set when this pool dropped it: a call cancelled by its closing was not the caller's.
         self.dropped = False

@@ -4,7 +4,9 @@
     ├── PluginConnectionError    the plugin cannot be reached: connect failure, UNAVAILABLE,
     │                            DEADLINE_EXCEEDED, no routable plugin, a too-stale registry view
     └── PluginTransformError     the plugin answered but could not transform the payload:
-                                 errors and no events, or a non-transport error status
+                                 errors and no events, or a non-transport error status;
+                                 or its answer was refused: over max_response_bytes, more
+                                 than max_events events or errors, undecodable
 
 RPC errors are translated where the call is made and chained (``raise ... from exc``).
 """
@@ -33,10 +35,11 @@ class PluginConnectionError(PluginError):
 
 
 class PluginTransformError(PluginError):
-    """The plugin answered but produced no events.
+    """The plugin answered but produced no events, or an answer the gateway refuses.
 
     ``errors`` holds the plugin's ``IngestError`` messages (empty when the plugin
-    answered with an error status instead); ``code`` is that status' name, or empty.
+    answered with an error status instead); ``code`` is that status' name, or empty
+    (also for a refused answer, whose message names the limit or says undecodable).
     """
 
     def __init__(

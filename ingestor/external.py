@@ -18,9 +18,17 @@ from typing import NoReturn, overload
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import DecodeError
 
 from ingestor import _loop
 from ingestor._closing import Closing
+from ingestor.answer import (
+    DEFAULT_MAX_EVENTS,
+    DEFAULT_MAX_RESPONSE_BYTES,
+    AnswerLimits,
+    AnswerRefused,
+    decode_answer,
+)
 from ingestor.breaker import BreakerSettings, CircuitBreaker
 from ingestor.connection import ConnectionPool, PluginConnection
 from ingestor.context import IngestContext
@@ -40,6 +48,11 @@ DEFAULT_INGEST_TIMEOUT = 30.0
 
 # Statuses that say the plugin could not be reached, not that it refused the payload.
 _TRANSPORT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_RECEIVE_LIMIT = "grpc.max_receive_message_length"
+# How gRPC words RESOURCE_EXHAUSTED when this side's receive limit refused an answer;
+# a plugin's own RESOURCE_EXHAUSTED (or its refusal of a large request, "SERVER: ...")
+# is an answer like any other.
+_OVER_RECEIVE_LIMIT = "CLIENT: Received message larger than max"
 
 
 class _State(enum.Enum):
@@ -69,7 +82,8 @@ class ExternalIngestor(Closing):
     ``ingest_timeout`` seconds.
 
     Several instances: calls go round-robin over the source's HEALTHY endpoints, skipping
-    those whose circuit breaker is open; a call that could not reach its endpoint
+    those whose circuit breaker is open (:mod:`ingestor.breaker` says what counts as a
+    failure); a call that could not reach its endpoint
     (UNAVAILABLE, connect failure) is retried once on another (Ingest is a pure
     transform). An endpoint the resolver drops stops receiving calls at once and its
     channel is closed (calls in flight on it may finish).
@@ -91,9 +105,19 @@ class ExternalIngestor(Closing):
     ``tls``: the CA that verifies ``https://`` plugins (the system roots without one)
     and, for mTLS, this side's certificate and key; the files are read here, once.
 
+    Answers are bounded (SPEC §7): one over ``max_response_bytes`` (the channel's
+    receive limit) or with more than ``max_events`` events (or errors) is refused
+    before it is decoded, and bytes that are not an ``IngestResponse`` are refused
+    too; each is a PluginTransformError naming what was exceeded and a failure for
+    the endpoint's breaker (a plugin that answers so is broken), and is not retried
+    on another instance (the answer's size usually follows from the payload; retrying
+    would only pay for it twice). ``channel_options`` may not set
+    ``grpc.max_receive_message_length``: ``max_response_bytes`` does.
+
     Raises (constructor):
-        ValueError: neither or both of ``address`` and ``resolver``, a bad timeout, an
-            ``address`` that does not parse, or unusable ``tls`` files.
+        ValueError: neither or both of ``address`` and ``resolver``, a bad timeout, a
+            limit out of range, an ``address`` that does not parse, unusable ``tls``
+            files, or ``channel_options`` setting the receive limit.
     """
 
     def __init__(
@@ -109,11 +133,17 @@ class ExternalIngestor(Closing):
         address_policy: AddressPolicy | None = None,
         host_resolver: HostResolver | None = None,
         tls: TlsFiles | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_events: int = DEFAULT_MAX_EVENTS,
     ) -> None:
         if (address is None) == (resolver is None):
             raise ValueError("give exactly one of address and resolver")
         if connect_timeout <= 0 or ingest_timeout <= 0:
             raise ValueError("connect_timeout and ingest_timeout must be positive")
+        self.limits = AnswerLimits(max_response_bytes=max_response_bytes, max_events=max_events)
+        options = list(channel_options)
+        if any(key == _RECEIVE_LIMIT for key, _ in options):
+            raise ValueError(f"channel_options: set max_response_bytes, not {_RECEIVE_LIMIT}")
         if address is not None:
             try:
                 parse_address("address", address)
@@ -130,7 +160,7 @@ class ExternalIngestor(Closing):
         self.connect_timeout = connect_timeout
         self.ingest_timeout = ingest_timeout
         self.breaker_settings = breaker or BreakerSettings()
-        self._channel_options = list(channel_options)
+        self._channel_options = [*options, (_RECEIVE_LIMIT, max_response_bytes)]
         self._lock = threading.Lock()
         self._state = _State.UNOPENED
         self._pools: dict[asyncio.AbstractEventLoop, ConnectionPool] = {}
@@ -157,8 +187,10 @@ class ExternalIngestor(Closing):
             PluginConnectionError: no plugin could be reached (connect failure,
                 UNAVAILABLE, DEADLINE_EXCEEDED, no routable plugin, a stale view, an
                 endpoint the address policy refuses).
-            PluginTransformError: the plugin returned errors and no events, or answered
-                with another error status.
+            PluginTransformError: the plugin returned errors and no events, answered
+                with another error status, or with an answer refused: over
+                ``max_response_bytes``, more than ``max_events`` events or errors, or
+                undecodable.
             PluginError: the ingestor is closed.
         Cancellation cancels the RPC in flight.
         """
@@ -207,7 +239,8 @@ class ExternalIngestor(Closing):
 
         Raises:
             PluginConnectionError: the plugin cannot be reached (or none is routable).
-            PluginError: it answered with an error status, or the ingestor is closed.
+            PluginError: it answered with an error status or with bytes that are not a
+                ``PluginHealthResponse``, or the ingestor is closed.
         """
         pool = self._pool()
         endpoints = await self._endpoints()
@@ -215,9 +248,7 @@ class ExternalIngestor(Closing):
         connection = await pool.open(endpoint.address)
         try:
             await connection.connect(self.connect_timeout)
-            response: pb.PluginHealthResponse = await connection.stub.Health(
-                Empty(), timeout=self.connect_timeout
-            )
+            raw: bytes = await connection.health(Empty(), timeout=self.connect_timeout)
         except PluginConnectionError:
             pool.drop(connection, None)
             raise
@@ -231,7 +262,12 @@ class ExternalIngestor(Closing):
             raise PluginError(
                 f"health of plugin {endpoint.label()}: {exc.code().name}: {exc.details()}"
             ) from exc
-        return response
+        try:
+            return pb.PluginHealthResponse.FromString(raw)
+        except DecodeError as exc:
+            raise PluginError(
+                f"health of plugin {endpoint.label()}: an undecodable PluginHealthResponse ({exc})"
+            ) from exc
 
     def health(self) -> pb.PluginHealthResponse:
         """Synchronous :meth:`health_async` (thread rules as :meth:`ingest`)."""
@@ -369,7 +405,8 @@ class ExternalIngestor(Closing):
 
         Raises:
             _Unreachable: a transport failure (the connection is dropped).
-            PluginTransformError: another error status (the plugin is up).
+            PluginTransformError: another error status (the plugin is up), or an answer
+                refused by the limits or undecodable (a breaker failure).
         """
         breaker = self._breaker(endpoint.address)
         try:
@@ -383,9 +420,7 @@ class ExternalIngestor(Closing):
         try:
             if not connection.ready:
                 await connection.connect(self.connect_timeout)
-            response: pb.IngestResponse = await connection.stub.Ingest(
-                request, timeout=self.ingest_timeout
-            )
+            raw: bytes = await connection.ingest(request, timeout=self.ingest_timeout)
         except PluginConnectionError as exc:
             breaker.failure()
             pool.drop(connection, None)
@@ -395,6 +430,14 @@ class ExternalIngestor(Closing):
         except BaseException:
             breaker.release()
             raise
+        try:
+            response = decode_answer(raw, self.limits)
+        except AnswerRefused as exc:
+            breaker.failure()  # it answered, but with nothing a working plugin sends
+            raise PluginTransformError(
+                f"plugin {endpoint.label()} answered source {self.source!r} with {exc}",
+                address=endpoint.address,
+            ) from exc
         breaker.success()
         return response
 
@@ -407,6 +450,13 @@ class ExternalIngestor(Closing):
         exc: grpc.aio.AioRpcError,
     ) -> NoReturn:
         code, details = exc.code(), exc.details() or ""
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and _OVER_RECEIVE_LIMIT in details:
+            breaker.failure()  # the stream was refused, the channel is still good
+            raise PluginTransformError(
+                f"plugin {endpoint.label()} answered source {self.source!r} with more than "
+                f"max_response_bytes={self.limits.max_response_bytes} bytes ({details})",
+                address=endpoint.address,
+            ) from exc
         dropped_under_us = code is grpc.StatusCode.CANCELLED and connection.dropped
         if code in _TRANSPORT_CODES or dropped_under_us:
             breaker.failure()

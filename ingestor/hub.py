@@ -12,6 +12,7 @@ import threading
 
 from ingestor import _loop
 from ingestor._closing import Closing
+from ingestor.answer import DEFAULT_MAX_EVENTS, DEFAULT_MAX_RESPONSE_BYTES, AnswerLimits
 from ingestor.breaker import BreakerSettings
 from ingestor.context import IngestContext
 from ingestor.errors import PluginError
@@ -26,10 +27,14 @@ class Hub(Closing):
     Add static ingestors with :meth:`ingestor`, then call :meth:`build`. With a
     ``resolver``, a source no static ingestor serves goes to the registered plugins
     declaring it, through an ExternalIngestor made on first use (with
-    ``connect_timeout``, ``ingest_timeout`` and ``breaker``).
+    ``connect_timeout``, ``ingest_timeout``, ``breaker``, ``max_response_bytes`` and
+    ``max_events``).
 
     The hub owns its ingestors, static and dynamic, and closes them; it does not own
     ``resolver``. Thread rules as :class:`ExternalIngestor`.
+
+    Raises (constructor):
+        ValueError: a limit is out of range.
     """
 
     def __init__(
@@ -39,11 +44,14 @@ class Hub(Closing):
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         ingest_timeout: float = DEFAULT_INGEST_TIMEOUT,
         breaker: BreakerSettings | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_events: int = DEFAULT_MAX_EVENTS,
     ) -> None:
         self.resolver = resolver
         self.connect_timeout = connect_timeout
         self.ingest_timeout = ingest_timeout
         self.breaker = breaker
+        self.limits = AnswerLimits(max_response_bytes=max_response_bytes, max_events=max_events)
         self._lock = threading.Lock()
         self._static: dict[str, ExternalIngestor] = {}
         self._dynamic: dict[str, ExternalIngestor] = {}
@@ -161,6 +169,8 @@ class Hub(Closing):
                     connect_timeout=self.connect_timeout,
                     ingest_timeout=self.ingest_timeout,
                     breaker=self.breaker,
+                    max_response_bytes=self.limits.max_response_bytes,
+                    max_events=self.limits.max_events,
                 )
                 self._dynamic[source] = ingestor
             return ingestor

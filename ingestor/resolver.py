@@ -4,9 +4,11 @@
         resolver.wait_synced(5)
         print(resolver.resolve("k8s"))
 
-The cache follows one Watch stream: a snapshot, then one message per change. When the
-stream breaks it reconnects with exponential backoff and jitter and resumes from the
-last revision it saw; meanwhile it keeps serving the last view it had.
+The cache follows one Watch stream: a snapshot, then one message per change. A
+revision the registry split over several messages is applied once all of them arrived
+(:mod:`ingestor.revisions`), so no view ever holds part of one. When the stream breaks
+it reconnects with exponential backoff and jitter and resumes from the last revision
+it applied; meanwhile it keeps serving the last view it had.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 from ingestor import _loop
 from ingestor._closing import Closing
 from ingestor.errors import PluginConnectionError, PluginError
+from ingestor.revisions import DEFAULT_MAX_PLUGIN_BYTES, Revision, RevisionAssembler
 from ingestor.view import Endpoint, ResolverView
 from registry.client import RegistryClient
 from registry.errors import RegistryError
@@ -109,6 +112,13 @@ class RegistryResolver(Closing):
     for every call, and the TLS files to reach the registry with. Construction never
     connects.
 
+    A snapshot (or change) too large for one message comes in several; the view is
+    swapped once all have arrived, so :meth:`wait_synced` returns with the whole
+    catalogue. ``max_plugin_bytes`` is the registry's ``--max-bytes-per-plugin``: with
+    it the resolver knows a message that left room for one more plugin was the last of
+    its revision; a revision whose last message was full waits for the next message
+    (at the latest the registry's progress message).
+
     Raises (constructor):
         ValueError: a setting is out of range (the message names it).
         RegistryError: ``token``/``tls`` refused, as RegistryClient refuses them (a token
@@ -126,6 +136,7 @@ class RegistryResolver(Closing):
         backoff_max: float = 5.0,
         token: str | None = None,
         tls: TlsFiles | None = None,
+        max_plugin_bytes: int = DEFAULT_MAX_PLUGIN_BYTES,
     ) -> None:
         if max_staleness is not None and max_staleness <= 0:
             raise ValueError(f"max_staleness: {max_staleness!r} must be positive")
@@ -133,6 +144,7 @@ class RegistryResolver(Closing):
             raise ValueError(f"connect_timeout: {connect_timeout!r} must be positive")
         if not 0 < backoff_initial <= backoff_max:
             raise ValueError("backoff_initial and backoff_max: need 0 < initial <= max")
+        self._assembler = RevisionAssembler(max_plugin_bytes)
         self.address = registry_address
         self.max_staleness = max_staleness
         self.connect_timeout = connect_timeout
@@ -439,6 +451,7 @@ class RegistryResolver(Closing):
         attempt = 0
         while True:
             client: RegistryClient | None = None
+            self._assembler.reset()  # a revision half received comes again on resume
             try:
                 client = self._client()  # TLS files read again: a renewed certificate is used
                 async for message in client.watch(
@@ -484,17 +497,21 @@ class RegistryResolver(Closing):
         self._last_error = reason
 
     def _on_message(self, message: pb.WatchResponse) -> None:
-        view = self._view
-        if view is None and not message.snapshot:
-            return  # cannot happen from revision 0 (a snapshot comes first); be safe
-        if message.snapshot or view is None:
-            new = ResolverView.snapshot(message.revision, message.upserted)
-        elif message.upserted or message.removed_plugin_ids:
-            new = view.apply(message.revision, message.upserted, message.removed_plugin_ids)
-        else:
-            new = view.at(message.revision)
         self._confirmed_at = time.monotonic()
         self._last_error = ""
+        for revision in self._assembler.feed(message):
+            self._apply(revision)
+
+    def _apply(self, revision: Revision) -> None:
+        view = self._view
+        if revision.snapshot:
+            new = ResolverView.snapshot(revision.revision, revision.upserted)
+        elif view is None:
+            return  # cannot happen from revision 0 (a snapshot comes first); be safe
+        elif revision.progress:
+            new = view.at(revision.revision)
+        else:
+            new = view.apply(revision.revision, revision.upserted, revision.removed)
         if new is view:
             return
         self._view = new
