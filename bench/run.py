@@ -24,6 +24,7 @@ SUITES = [
     "bench.health_bench",
     "bench.trust_bench",
     "bench.watch_bench",
+    "bench.isolation_bench",
 ]
 
 

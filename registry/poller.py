@@ -1,10 +1,25 @@
 """The health checker: calls each plugin's own ``Health`` and keeps its status.
 
 Every plugin is checked right after it registers, then every interval (jittered),
-each call with a deadline, at most ``concurrency`` at once, over one cached
-channel per address. Hysteresis: ``unhealthy_threshold`` failures in a row make a
-plugin UNHEALTHY, ``healthy_threshold`` successes make it HEALTHY again; the first
-success takes an UNKNOWN plugin straight to HEALTHY.
+each call with a deadline, over one cached channel per address. Hysteresis:
+``unhealthy_threshold`` failures in a row make a plugin UNHEALTHY,
+``healthy_threshold`` successes make it HEALTHY again; the first success takes an
+UNKNOWN plugin straight to HEALTHY.
+
+Isolation (SPEC §7 "Work does not depend on a hanging peer"): a check that comes due
+joins the *lane* of its plugin's address and type, never a queue shared by every
+plugin. A lane has at most ``per_address`` calls in flight; checks that come due while
+it is at that bound wait in the lane as one group and share the next call's answer.
+The Health request is empty and carries no plugin identity, so every registration at
+one address and type is asked the very same question of the very same process: one
+answer serves them all, whatever their names. So 3,000 registrations at a plugin whose
+Health hangs cost one timeout per call, a handful of calls in flight, and no slot that
+anyone else waits for. ``concurrency`` bounds the regular calls in flight over all
+lanes (it counts calls to addresses, never plugins); first checks of new registrations
+and re-checks after a broken channel go by a *fast lane*, at most one call per lane and
+``fast_lane`` in total, so they never wait behind regular rounds. Whatever waits is
+bounded: a plugin is at most once in one lane (or in one call), and a lane is at most
+once in the queue for a slot.
 
 Each cached channel is watched: when a READY connection breaks (the plugin died),
 its plugins are re-checked at once and then every ``suspect_retry`` seconds until
@@ -53,6 +68,9 @@ log = logging.getLogger(__name__)
 # How much of a plugin's own "unhealthy" message last_error keeps.
 MAX_PLUGIN_MESSAGE = 256
 
+# A lane: the checks of one address and plugin type (one process, one question).
+_Key = tuple[str, PluginType]
+
 
 def _loopback_only() -> AddressPolicy:
     return AddressPolicy.default("127.0.0.1:0")
@@ -62,9 +80,15 @@ def _loopback_only() -> AddressPolicy:
 class CheckSettings:
     """How plugins are checked. Durations are in seconds.
 
+    ``concurrency`` bounds the regular Health calls in flight in total, ``per_address``
+    those to one address (and plugin type), ``fast_lane`` the first checks and
+    broken-channel re-checks in flight, which never wait for a regular slot.
     ``address_policy`` decides which addresses are dialled (default: loopback only),
     ``resolver`` resolves host names before each new channel, ``plugin_tls`` verifies
     ``https://`` plugins (None: the system roots).
+
+    Raises (constructor):
+        ValueError: a bound is below 1.
     """
 
     interval: float = 10.0
@@ -72,10 +96,17 @@ class CheckSettings:
     unhealthy_threshold: int = 3
     healthy_threshold: int = 2
     concurrency: int = 256
+    per_address: int = 4
+    fast_lane: int = 64
     suspect_retry: float = 0.1
     address_policy: AddressPolicy = field(default_factory=_loopback_only)
     resolver: HostResolver = field(default_factory=SystemResolver)
     plugin_tls: PluginCredentials | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("concurrency", "per_address", "fast_lane"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
 
 
 @dataclass(slots=True)
@@ -83,6 +114,27 @@ class _Streak:
     successes: int = 0
     failures: int = 0
     suspect: bool = False
+    # Never checked since it registered: its first check goes by the fast lane.
+    first: bool = False
+    # Part of a call in flight: that call's end schedules its next check.
+    busy: bool = False
+    # The lane it was last queued in (its address and type never change).
+    key: _Key | None = None
+
+
+@dataclass(slots=True)
+class _Lane:
+    """The checks of one address and type: who waits for a call, what is in flight."""
+
+    waiting: set[str] = field(default_factory=set)
+    urgent: set[str] = field(default_factory=set)
+    calls: int = 0  # regular calls in flight, at most per_address
+    urgent_calls: int = 0  # fast-lane calls in flight, at most one
+    pump_due: bool = False
+
+    @property
+    def idle(self) -> bool:
+        return not (self.waiting or self.urgent or self.calls or self.urgent_calls)
 
 
 @dataclass(slots=True)
@@ -105,7 +157,12 @@ class _Refused(Exception):
 
 
 class HealthChecker:
-    """Owned by the server: ``start()`` after the state, ``stop()`` before it."""
+    """Owned by the server: ``start()`` after the state, ``stop()`` before it.
+
+    ``calls`` counts the Health calls made and ``results`` the check results recorded
+    (one per plugin a call served); benchmarks and tests read them, with
+    :attr:`in_flight` and :attr:`waiting`.
+    """
 
     def __init__(self, state: RegistryState, settings: CheckSettings) -> None:
         self._state = state
@@ -116,15 +173,30 @@ class HealthChecker:
         self._dialer = PluginDialer(settings.address_policy, settings.resolver, settings.plugin_tls)
         # One vetting (parse, policy, DNS) in flight per address, shared by its checks.
         self._vetting: dict[str, asyncio.Task[DialTarget]] = {}
-        # Which channel each checked plugin uses, so forgetting one touches one channel.
-        self._address_of: dict[str, str] = {}
+        self._lanes: dict[_Key, _Lane] = {}
+        # Free slots, and the lanes waiting for one in arrival order (each at most once).
+        self._free = settings.concurrency
+        self._urgent_free = settings.fast_lane
+        self._ready: dict[_Key, None] = {}
+        self._urgent_ready: dict[_Key, None] = {}
         self._checks: set[asyncio.Task[None]] = set()
         self._pending: dict[str, Plugin] = {}
         self._flush_wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
-        self._semaphore = asyncio.Semaphore(settings.concurrency)
         self._running = False
+        self.calls = 0
+        self.results = 0
         state.subscribe(self._on_changes, on_reset=self._resync)
+
+    @property
+    def in_flight(self) -> int:
+        """Health calls in flight now, fast lane included."""
+        return sum(lane.calls + lane.urgent_calls for lane in self._lanes.values())
+
+    @property
+    def waiting(self) -> int:
+        """Checks that are due and wait in their lane (at most one per plugin)."""
+        return sum(len(lane.waiting) + len(lane.urgent) for lane in self._lanes.values())
 
     def start(self) -> None:
         if self._running:
@@ -151,6 +223,9 @@ class HealthChecker:
                 await task
         await asyncio.gather(*vetting, return_exceptions=True)
         self._flusher = None
+        self._lanes.clear()
+        self._ready.clear()
+        self._urgent_ready.clear()
         channels, self._channels = self._channels, {}
         for entry in channels.values():
             await entry.channel.close()
@@ -172,7 +247,7 @@ class HealthChecker:
                 self._forget(plugin.plugin_id)
             for plugin in change.upserted:
                 if plugin.plugin_id not in self._streaks:
-                    self._streaks[plugin.plugin_id] = _Streak()
+                    self._streaks[plugin.plugin_id] = _Streak(first=True)
                     self._schedule(plugin.plugin_id, 0.0)
 
     def _schedule(self, plugin_id: str, delay: float) -> None:
@@ -182,65 +257,171 @@ class HealthChecker:
         if old is not None:
             old.cancel()
         loop = asyncio.get_running_loop()
-        self._timers[plugin_id] = loop.call_later(delay, self._launch, plugin_id)
+        self._timers[plugin_id] = loop.call_later(delay, self._due, plugin_id)
 
-    def _launch(self, plugin_id: str) -> None:
+    def _due(self, plugin_id: str) -> None:
+        """A check is due: queue the plugin in its lane (once), by the fast lane if urgent."""
         self._timers.pop(plugin_id, None)
-        task = asyncio.create_task(self._check(plugin_id))
+        streak = self._streaks.get(plugin_id)
+        if streak is None or streak.busy:
+            return  # gone, or in a call now, whose end schedules the next check
+        plugin = self._state.catalog.get(plugin_id)
+        if plugin is None or plugin.status is PluginStatus.EXPIRED:
+            return  # gone, or its lease decides now: stop checking
+        key = (plugin.address, plugin.registration.type)
+        streak.key = key
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+        if streak.first or streak.suspect:
+            lane.waiting.discard(plugin_id)
+            lane.urgent.add(plugin_id)
+        elif plugin_id not in lane.urgent:
+            lane.waiting.add(plugin_id)
+        if not lane.pump_due:
+            # Checks due in the same loop iteration (a broken channel's plugins,
+            # suspects retried together) go out as one call.
+            lane.pump_due = True
+            asyncio.get_running_loop().call_soon(self._pump, key)
+
+    def _pump(self, key: _Key) -> None:
+        """Start what the lane may start now; queue it for a slot when there is none."""
+        lane = self._lanes.get(key)
+        if lane is None or not self._running:
+            return
+        lane.pump_due = False
+        if lane.urgent and not lane.urgent_calls:
+            if self._urgent_free:
+                self._urgent_free -= 1
+                self._urgent_ready.pop(key, None)
+                self._start(key, lane, urgent=True)
+            else:
+                self._urgent_ready.setdefault(key)
+        if lane.waiting and lane.calls < self._settings.per_address:
+            if self._free:
+                self._free -= 1
+                self._ready.pop(key, None)
+                self._start(key, lane, urgent=False)
+            else:
+                self._ready.setdefault(key)
+        if lane.idle:
+            self._drop_lane(key)
+
+    def _drop_lane(self, key: _Key) -> None:
+        del self._lanes[key]
+        self._ready.pop(key, None)
+        self._urgent_ready.pop(key, None)
+
+    def _release(self, *, urgent: bool) -> None:
+        """Give a freed slot to the lanes that wait for one, first come first served."""
+        ready = self._urgent_ready if urgent else self._ready
+        if urgent:
+            self._urgent_free += 1
+        else:
+            self._free += 1
+        while ready and (self._urgent_free if urgent else self._free):
+            key = next(iter(ready))
+            del ready[key]
+            self._pump(key)
+
+    def _start(self, key: _Key, lane: _Lane, *, urgent: bool) -> None:
+        if urgent:
+            group, lane.urgent = lane.urgent, set()
+            lane.urgent_calls += 1
+        else:
+            group, lane.waiting = lane.waiting, set()
+            lane.calls += 1
+        for plugin_id in group:
+            self._streaks[plugin_id].busy = True
+        task = asyncio.create_task(self._call(key, lane, group, urgent), name="health-check")
         self._checks.add(task)
         task.add_done_callback(self._checks.discard)
 
     def _forget(self, plugin_id: str) -> None:
-        self._streaks.pop(plugin_id, None)
+        streak = self._streaks.pop(plugin_id, None)
         self._pending.pop(plugin_id, None)
         timer = self._timers.pop(plugin_id, None)
         if timer is not None:
             timer.cancel()
-        address = self._address_of.pop(plugin_id, None)
-        entry = self._channels.get(address) if address is not None else None
-        if address is not None and entry is not None:
+        if streak is None or streak.key is None:
+            return
+        lane = self._lanes.get(streak.key)
+        if lane is not None:
+            lane.waiting.discard(plugin_id)
+            lane.urgent.discard(plugin_id)
+            if lane.idle:
+                self._drop_lane(streak.key)
+        address = streak.key[0]
+        entry = self._channels.get(address)
+        if entry is not None and plugin_id in entry.users:
             entry.users.discard(plugin_id)
             if not entry.users:
                 self._close_channel(address)
 
     # -- checking --------------------------------------------------------------
 
-    async def _check(self, plugin_id: str) -> None:
+    async def _call(self, key: _Key, lane: _Lane, group: set[str], urgent: bool) -> None:
+        """One Health call for every plugin of ``group``; then their next checks."""
         try:
-            async with self._semaphore:
-                plugin = self._state.catalog.get(plugin_id)
-                if plugin is None or plugin.status is PluginStatus.EXPIRED:
-                    return  # gone, or its lease decides now: stop checking
-                ok, error = await self._probe(plugin)
-            self._record(plugin_id, ok, error)
+            # Still checked, and not left to its lease, when the call can start.
+            live = [
+                plugin_id
+                for plugin_id in group
+                if plugin_id in self._streaks
+                and (plugin := self._state.catalog.get(plugin_id)) is not None
+                and plugin.status is not PluginStatus.EXPIRED
+            ]
+            if live:
+                ok, error = await self._probe(key, live)
+                for plugin_id in live:
+                    self._record(plugin_id, ok, error)
         except Exception:
-            log.exception("health check of %s failed", plugin_id)
-        streak = self._streaks.get(plugin_id)
-        if streak is not None:
-            interval = self._settings.interval
-            delay = (
-                self._settings.suspect_retry
-                if streak.suspect
-                else interval * random.uniform(0.9, 1.1)
-            )
-            self._schedule(plugin_id, delay)
+            log.exception("health check of %d plugins at %s failed", len(group), key[0])
+        finally:
+            if urgent:
+                lane.urgent_calls -= 1
+            else:
+                lane.calls -= 1
+            self._release(urgent=urgent)
+            self._pump(key)
+            settings = self._settings
+            for plugin_id in group:
+                streak = self._streaks.get(plugin_id)
+                if streak is None:
+                    continue
+                streak.busy = False
+                delay = (
+                    settings.suspect_retry
+                    if streak.suspect
+                    else settings.interval * random.uniform(0.9, 1.1)
+                )
+                self._schedule(plugin_id, delay)
 
-    async def _probe(self, plugin: Plugin) -> tuple[bool, str]:
+    async def _probe(self, key: _Key, plugin_ids: list[str]) -> tuple[bool, str]:
+        address, plugin_type = key
         try:
-            entry = await self._channel(plugin)
+            entry = await self._channel(address, plugin_ids)
         except _Refused as refused:
             return False, refused.error
-        stub = entry.emitter if plugin.registration.type is PluginType.EMITTER else entry.ingestor
+        stub = entry.emitter if plugin_type is PluginType.EMITTER else entry.ingestor
+        self.calls += 1
         try:
             response = await stub.Health(Empty(), timeout=self._settings.timeout)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the checker is stopping
+            # grpc cancels the calls of a channel that is closed: this one's connection
+            # broke (or its name went elsewhere) while the call was in flight.
+            return False, self._rpc_error(grpc.StatusCode.UNAVAILABLE)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code is grpc.StatusCode.UNAVAILABLE and entry.target.resolved:
                 # The name may point elsewhere now: the next check resolves it again.
-                self._drop_channel(plugin.address, entry)
+                self._drop_channel(address, entry)
             return False, self._rpc_error(code)
         except Exception as exc:  # e.g. an undecodable answer: never the peer's bytes
-            log.debug("health check of %s failed: %r", plugin.plugin_id, exc)
+            log.debug("health check at %s failed: %r", address, exc)
             return False, "not a gRPC plugin, or it failed (its answer could not be read)"
         if not response.healthy:
             return False, _printable(response.message) or "plugin reports unhealthy"
@@ -263,8 +444,10 @@ class HealthChecker:
         streak = self._streaks.get(plugin_id)
         if plugin is None or streak is None or plugin.status is PluginStatus.EXPIRED:
             return
+        self.results += 1
         settings = self._settings
         status = plugin.status
+        streak.first = False
         if ok:
             streak.successes, streak.failures, streak.suspect = streak.successes + 1, 0, False
             if status is PluginStatus.UNKNOWN or (
@@ -316,24 +499,23 @@ class HealthChecker:
 
     # -- channels --------------------------------------------------------------
 
-    async def _channel(self, plugin: Plugin) -> _Channel:
-        """The cached channel of the plugin's address, vetting it first when there is none.
+    async def _channel(self, address: str, plugin_ids: list[str]) -> _Channel:
+        """The cached channel of ``address``, vetting it first when there is none.
 
         Raises:
             _Refused: the address does not parse or the address policy refuses it.
         """
-        address = plugin.address
         entry = self._channels.get(address)
         if entry is None:
             target = await self._vet(address)
             # Another check of this address may have made one meanwhile.
             entry = self._channels.get(address) or self._open(address, target)
-        if plugin.plugin_id not in self._streaks:  # forgotten while it was being vetted
+        live = [plugin_id for plugin_id in plugin_ids if plugin_id in self._streaks]
+        if not live:  # all forgotten while it was being vetted
             if not entry.users:
                 self._close_channel(address)
             raise _Refused("no longer registered")
-        entry.users.add(plugin.plugin_id)
-        self._address_of[plugin.plugin_id] = address
+        entry.users.update(live)
         return entry
 
     def _open(self, address: str, target: DialTarget) -> _Channel:

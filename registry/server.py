@@ -89,6 +89,13 @@ class RegistryServer(AsyncService):
         return f"{host}:{self.port}"
 
     @property
+    def checker(self) -> HealthChecker:
+        """The health checker (its counters are read by benchmarks and tests)."""
+        if self._checker is None:
+            raise RegistryError("the registry server is not started")
+        return self._checker
+
+    @property
     def state(self) -> RegistryState:
         if self._state is None:
             raise RegistryError("the registry server is not started")
