@@ -25,6 +25,7 @@ SUITES = [
     "bench.trust_bench",
     "bench.watch_bench",
     "bench.isolation_bench",
+    "bench.scale_bench",
 ]
 
 

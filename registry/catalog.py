@@ -11,25 +11,32 @@ Ownership (SPEC §6) lives on the write side only: which principal owns each plu
 name, and which (principal, plugin name) has claimed each source and emitter name.
 It outlasts every instance: only :meth:`Catalog.release` gives it up. A method that
 changes it also returns the :class:`OwnershipChange` to store with its change.
+
+Reads in id order (ListPlugins pages, Resolve) walk
+:class:`~registry.sortedids.SortedIds` indexes kept sorted as plugins come and go,
+so a page costs O(log n + its size), never a sort of the catalogue (SPEC §7 "Cost
+grows with work").
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, NamedTuple
 
 from registry.errors import AlreadyExists, PermissionDenied, ResourceExhausted
 from registry.model import Change, Plugin, PluginStatus, PluginType, Principal, Registration
+from registry.sortedids import SortedIds
 from registry.ulid import new_ulid
 
 ClaimKind = Literal["source", "emitter"]
 ClaimKey = tuple[ClaimKind, str]
 
 INSTANCE_LIMIT = "max_instances_per_principal"
+PLUGIN_LIMIT = "max_plugins"
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,16 +107,22 @@ class Catalog:
     ) -> None:
         self.revision = revision
         self._by_id: dict[str, Plugin] = {}
+        # Every id in order, and the ids per source and per emitter name in order:
+        # what reads in id order walk.
+        self._order = SortedIds()
         self._by_instance: dict[tuple[str, str], str] = {}
-        self._by_source: defaultdict[str, set[str]] = defaultdict(set)
-        self._by_emitter: defaultdict[str, set[str]] = defaultdict(set)
+        self._by_source: defaultdict[str, SortedIds] = defaultdict(SortedIds)
+        self._by_emitter: defaultdict[str, SortedIds] = defaultdict(SortedIds)
         self._owners: dict[str, Owner] = {}
         self._claims: dict[ClaimKey, Claim] = {}
         self._claims_by_name: defaultdict[str, set[ClaimKey]] = defaultdict(set)
         # Live instances per plugin name and per owning principal, kept as instances
-        # come and go, so the per-principal limit costs no scan of the catalogue.
+        # come and go, so the per-principal limit costs no scan of the catalogue;
+        # and per source and emitter name, the live instances of each plugin name
+        # holding it, so the live-holder rule costs no walk of the holders.
         self._live_by_name: dict[str, int] = {}
         self._live_by_principal: dict[str, int] = {}
+        self._live_holders: dict[ClaimKey, dict[str, int]] = {}
         for owner in owners:
             self._set_owner(owner)
         for claim in claims:
@@ -129,10 +142,12 @@ class Catalog:
     # -- reads ---------------------------------------------------------------
 
     def by_source(self, source: str) -> list[Plugin]:
-        return [self._by_id[i] for i in sorted(self._by_source.get(source, ()))]
+        """The plugins that take ``source``, in id order."""
+        return [self._by_id[i] for i in self._by_source.get(source, ())]
 
     def by_emitter(self, emitter_name: str) -> list[Plugin]:
-        return [self._by_id[i] for i in sorted(self._by_emitter.get(emitter_name, ()))]
+        """The emitters resolved by ``emitter_name``, in id order."""
+        return [self._by_id[i] for i in self._by_emitter.get(emitter_name, ())]
 
     def select(
         self,
@@ -143,11 +158,17 @@ class Catalog:
         name: str = "",
         after: str = "",
     ) -> Iterator[Plugin]:
-        """Plugins matching every filter given, in id order, starting after ``after``."""
-        candidates = self.by_source(source) if source else sorted(self._by_id.values(), key=_id)
-        for plugin in candidates:
-            if plugin.plugin_id <= after:
-                continue
+        """Plugins matching every filter given, in id order, starting after ``after``.
+
+        A keyset walk of the sorted index (of all ids, or of the source's): finding
+        ``after`` costs O(log n), each plugin walked O(1), so paging through all n
+        costs O(n) in total. The other filters are applied while walking.
+        """
+        index = self._by_source.get(source) if source else self._order
+        if index is None:
+            return
+        for plugin_id in index.after(after):
+            plugin = self._by_id[plugin_id]
             if type and plugin.registration.type != type:
                 continue
             if statuses and plugin.status not in statuses:
@@ -213,6 +234,24 @@ class Catalog:
                 f"name: plugin name {plugin_name!r} belongs to another principal"
             )
 
+    def check_room(self, registration: Registration, max_plugins: int) -> None:
+        """Refuse a registration that would make the catalogue hold over ``max_plugins``.
+
+        Every plugin counts, whatever its status. A registration at the (name,
+        address) of a held plugin replaces it, so it adds none. ``0``: no limit.
+
+        Raises:
+            ResourceExhausted: ``max_plugins`` are held (names the limit).
+        """
+        if not max_plugins or len(self._by_id) < max_plugins:
+            return
+        if (registration.name, registration.address) in self._by_instance:
+            return
+        raise ResourceExhausted(
+            PLUGIN_LIMIT,
+            f"the registry holds {len(self._by_id)} plugins; the limit is {max_plugins}",
+        )
+
     # -- writes --------------------------------------------------------------
 
     def register(
@@ -222,21 +261,24 @@ class Catalog:
         principal: Principal | None = None,
         *,
         max_live_instances: int = 0,
+        max_plugins: int = 0,
     ) -> Registered:
         """Add an instance under a fresh id, replacing the one at the same (name, address).
 
         With a principal, the name and the claims are checked against ownership
         first, and recorded for it when absent. ``principal=None`` (open mode)
         checks and records no ownership. ``max_live_instances`` (0: no limit)
-        bounds the live instances of the names a non-admin principal owns; a
-        replacement does not count as one more.
+        bounds the live instances of the names a non-admin principal owns, and
+        ``max_plugins`` (0: no limit) the plugins held in all (:meth:`check_room`);
+        a replacement counts as one more for neither.
 
         Raises:
             PermissionDenied: the principal may not use the name, or a source or the
                 emitter name belongs to another principal or is not its to claim.
             AlreadyExists: a source or the emitter name belongs to another plugin name
                 that has a live instance.
-            ResourceExhausted: the principal's live instances reached the limit.
+            ResourceExhausted: the principal's live instances or the plugins held
+                reached their limit.
         """
         # Admins skip the ownership checks and the limit, not the live-holder rule.
         checked = principal if principal is not None and not principal.admin else None
@@ -245,6 +287,7 @@ class Catalog:
         self._check_live_holders(registration)
         replaced_id = self._by_instance.get((registration.name, registration.address))
         replaced = self._by_id[replaced_id] if replaced_id is not None else None
+        self.check_room(registration, max_plugins)
         if checked is not None and max_live_instances:
             self._check_instance_limit(registration.name, checked, replaced, max_live_instances)
         plugin = Plugin(
@@ -340,9 +383,16 @@ class Catalog:
             if plugin.plugin_id in self._by_id:
                 self._unindex(self._by_id[plugin.plugin_id])
         for plugin in change.upserted:
-            if plugin.plugin_id in self._by_id:
-                self._unindex(self._by_id[plugin.plugin_id])
-            self._index(plugin)
+            held = self._by_id.get(plugin.plugin_id)
+            if held is None:
+                self._index(plugin)
+            elif (
+                held.registration is plugin.registration or held.registration == plugin.registration
+            ):
+                self._replace(held, plugin)  # a new status: the indexes stay as they are
+            else:
+                self._unindex(held)
+                self._index(plugin)
         self.revision = change.revision
 
     # -- rules -----------------------------------------------------------------
@@ -371,19 +421,17 @@ class Catalog:
                 )
 
     def _check_live_holders(self, registration: Registration) -> None:
-        """SPEC §2: a source or emitter name held by a live instance of another name."""
-        claims: list[tuple[str, str, Callable[[str], list[Plugin]]]] = [
-            ("info.sources", s, self.by_source) for s in registration.sources
-        ]
-        if registration.emitter_key:
-            claims.append(("info.emitter_name", registration.emitter_key, self.by_emitter))
-        for field_name, key, holders in claims:
-            for holder in holders(key):
-                if holder.live and holder.name != registration.name:
-                    what = "source" if field_name == "info.sources" else "emitter name"
-                    # The holder's name only: its id and address are another party's.
+        """SPEC §2: a source or emitter name held by a live instance of another name.
+
+        O(sources): the live instances per name of each key are counted as they
+        come and go, so a key held by thousands of replicas costs no walk of them.
+        """
+        for field_name, kind, key in _claim_keys(registration):
+            for holder in self._live_holders.get((kind, key), ()):
+                if holder != registration.name:
+                    # The holder's name only: its ids and addresses are another party's.
                     raise AlreadyExists(
-                        f"{field_name}: {what} {key!r} belongs to plugin {holder.name!r}, "
+                        f"{field_name}: {_WHAT[kind]} {key!r} belongs to plugin {holder!r}, "
                         "which has a live instance"
                     )
 
@@ -435,16 +483,18 @@ class Catalog:
 
     def _index(self, plugin: Plugin) -> None:
         self._by_id[plugin.plugin_id] = plugin
+        self._order.add(plugin.plugin_id)
         self._by_instance[(plugin.name, plugin.address)] = plugin.plugin_id
         for source in plugin.registration.sources:
             self._by_source[source].add(plugin.plugin_id)
         if plugin.registration.emitter_key:
             self._by_emitter[plugin.registration.emitter_key].add(plugin.plugin_id)
         if plugin.live:
-            self._count_live(plugin.name, 1)
+            self._count_live(plugin, 1)
 
     def _unindex(self, plugin: Plugin) -> None:
         del self._by_id[plugin.plugin_id]
+        self._order.discard(plugin.plugin_id)
         if self._by_instance.get((plugin.name, plugin.address)) == plugin.plugin_id:
             del self._by_instance[(plugin.name, plugin.address)]
         for key, index in [(s, self._by_source) for s in plugin.registration.sources] + (
@@ -456,19 +506,38 @@ class Catalog:
             if not index[key]:
                 del index[key]
         if plugin.live:
-            self._count_live(plugin.name, -1)
+            self._count_live(plugin, -1)
 
     def _replace(self, old: Plugin, new: Plugin) -> None:
         """A new state of the same instance (same id, name and sources)."""
         self._by_id[new.plugin_id] = new
         if old.live != new.live:
-            self._count_live(new.name, 1 if new.live else -1)
+            self._count_live(new, 1 if new.live else -1)
 
-    def _count_live(self, name: str, delta: int) -> None:
+    def _count_live(self, plugin: Plugin, delta: int) -> None:
+        name = plugin.name
         _add(self._live_by_name, name, delta)
         owner = self._owners.get(name)
         if owner is not None:
             _add(self._live_by_principal, owner.principal, delta)
+        registration = plugin.registration
+        keys: list[ClaimKey] = [("source", s) for s in registration.sources]
+        if registration.emitter_key:
+            keys.append(("emitter", registration.emitter_key))
+        live_holders = self._live_holders
+        for key in keys:
+            holders = live_holders.get(key)
+            if holders is None:
+                if delta > 0:
+                    live_holders[key] = {name: delta}
+                continue
+            count = holders.get(name, 0) + delta
+            if count:
+                holders[name] = count
+            elif len(holders) > 1:
+                del holders[name]
+            else:
+                del live_holders[key]  # names long gone hold no memory
 
     def _set_owner(self, owner: Owner) -> None:
         self._owners[owner.name] = owner
@@ -510,7 +579,3 @@ def _add(counts: dict[str, int], key: str, delta: int) -> None:
         counts[key] = value
     else:
         counts.pop(key, None)
-
-
-def _id(plugin: Plugin) -> str:
-    return plugin.plugin_id

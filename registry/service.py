@@ -60,6 +60,14 @@ MAX_PAGE_SIZE = 10_000
 PAGE_BYTES = 3 * 1024 * 1024
 _TOKEN_PREFIX = b"after:"
 
+BYTES_LIMIT = "max_bytes_per_plugin"
+# What a RegisteredPlugin holds beyond the RegisterRequest it is made from, at most
+# (tag, length and widest value of each field): plugin_id 1+1+26; status 1+1;
+# registered_at, last_heartbeat_at and last_check_at 3 x (1+1 + seconds 1+10 + nanos
+# 1+5); revision 1+10; lease_ttl_seconds 1+5 when the default fills it in. info,
+# address and labels encode alike in both messages (same types, one-byte tags).
+REGISTERED_OVERHEAD = 28 + 2 + 3 * 19 + 11 + 6
+
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
@@ -136,6 +144,18 @@ def _after(token: str) -> str:
     return raw[len(_TOKEN_PREFIX) :].decode(errors="replace")
 
 
+def registered_size(request: pb.RegisterRequest) -> int:
+    """An upper bound of the encoded RegisteredPlugin that ``request`` would become.
+
+    The request's own size plus :data:`REGISTERED_OVERHEAD`: at most that many bytes
+    over the truth (less what the request carries that the plugin does not: its
+    ``no_lease`` flag, fields unknown to this registry). ``last_error`` is left out:
+    the registry writes it later, in its own words of bounded length.
+    """
+    size: int = request.ByteSize()
+    return size + REGISTERED_OVERHEAD
+
+
 class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
     """Maps each RPC of ``polku.v1.PluginRegistry`` to one call on the state."""
 
@@ -176,16 +196,28 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
     async def Register(
         self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterResponse:
-        registration = registration_from_request(
-            request, self._settings.lease_ttl, self._settings.limits
-        )
+        settings = self._settings
+        registration = registration_from_request(request, settings.lease_ttl, settings.limits)
+        # Totals (SPEC §7): before the address is vetted (resolved) or anything stored.
+        self._state.check_room(registration, settings.max_plugins)
+        size = registered_size(request)
+        if size > settings.max_bytes_per_plugin:
+            raise ResourceExhausted(
+                BYTES_LIMIT,
+                f"the registration would take up to {size} bytes encoded; "
+                f"the limit is {settings.max_bytes_per_plugin}",
+            )
         # Vetted here (names resolved), and again before every dial of the plugin.
         address = parse_address("address", registration.address)
         with contextlib.suppress(Unresolvable):  # accepted; vetted again at every dial
             await vet(address, self._address_policy, self._resolver)
         principal = current_principal()
+        # max_plugins again, where nothing can come between the count and the store.
         plugin = await self._state.register(
-            registration, principal, max_live_instances=self._max_instances
+            registration,
+            principal,
+            max_live_instances=self._max_instances,
+            max_plugins=settings.max_plugins,
         )
         _audit(
             context,
@@ -251,6 +283,7 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         self, request: pb.ListPluginsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListPluginsResponse:
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        # A keyset walk from the token's id: O(log n + page), whatever page it is.
         matching = self._state.view.select(
             type=plugin_type_filter(request.type),
             source=request.source,

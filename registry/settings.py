@@ -66,6 +66,10 @@ class RegistrySettings:
     watch_max_backlog: int = 1024
     change_log_size: int = 10_000
     limits: Limits = field(default_factory=Limits)
+    # -- totals (SPEC §7) --
+    max_plugins: int = 50_000
+    # The encoded RegisteredPlugin of one registration.
+    max_bytes_per_plugin: int = 64 * 1024
     # -- trust (SPEC §6) --
     # The TOML policy of principals; None is open mode (loopback or unix listen only).
     auth_policy: str | None = None
@@ -122,6 +126,8 @@ class RegistrySettings:
             "watch_progress_interval": (self.watch_progress_interval > 0, "must be positive"),
             "watch_max_backlog": (self.watch_max_backlog >= 1, "must be at least 1"),
             "change_log_size": (self.change_log_size >= 1, "must be at least 1"),
+            "max_plugins": (self.max_plugins >= 1, "must be at least 1"),
+            "max_bytes_per_plugin": (self.max_bytes_per_plugin >= 1024, "must be at least 1024"),
             "max_concurrent_rpcs": (self.max_concurrent_rpcs >= 1, "must be at least 1"),
             "max_connections_per_peer": (self.max_connections_per_peer >= 1, "must be at least 1"),
             "register_rate": (not self.register_rate or self.register_rate > 0, "must be >= 0"),

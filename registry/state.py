@@ -11,6 +11,10 @@ writes answer "unavailable" until they are.
 Ownership of names and claims (SPEC §6) is held by ``catalog`` alone: only writes
 and their checks need it. It is stored with the change that recorded it, and
 reloaded with the catalog after a failed write.
+
+``grace_from`` is the moment leases (and the deregister clock) count from at the
+earliest: the start, or the end of a pause of the registry itself (SPEC §7 "Pauses
+do not evict"), which :meth:`RegistryState.grant_grace` records.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class RegistryState:
         self.catalog = Catalog()
         self.view = Catalog()
         self.started_at = clock()
+        self.grace_from = self.started_at
         self._flush_interval = flush_interval
         self._retain = retain
         self._journal: Journal | None = None
@@ -66,7 +71,7 @@ class RegistryState:
         """
         snapshot = await self.store.load()
         self._load(snapshot)
-        self.started_at = self.clock()
+        self.started_at = self.grace_from = self.clock()
         self._journal = Journal(
             self.store,
             revision=snapshot.revision,
@@ -99,6 +104,14 @@ class RegistryState:
     def writable(self) -> bool:
         return self._journal is not None and self._recovering is None
 
+    def grant_grace(self) -> datetime:
+        """Count every lease and deregister clock from now at the earliest; returns now.
+
+        As after a restart: the registry was paused or starved, so silence meant nothing.
+        """
+        self.grace_from = self.clock()
+        return self.grace_from
+
     # -- writes ----------------------------------------------------------------
 
     async def register(
@@ -107,21 +120,28 @@ class RegistryState:
         principal: Principal | None = None,
         *,
         max_live_instances: int = 0,
+        max_plugins: int = 0,
     ) -> Plugin:
         """Store a new instance, and the ownership it records; durable when this returns.
 
         ``principal=None`` is open mode: no ownership is checked or recorded.
-        ``max_live_instances`` (0: off) bounds a non-admin principal's live instances.
+        ``max_live_instances`` (0: off) bounds a non-admin principal's live instances,
+        ``max_plugins`` (0: off) the plugins held in all.
 
         Raises:
             PermissionDenied: the principal may not use the name or a claim.
             AlreadyExists: a claimed source or emitter name has another live owner.
-            ResourceExhausted: the principal has ``max_live_instances`` live instances.
+            ResourceExhausted: the principal has ``max_live_instances`` live instances,
+                or the registry holds ``max_plugins``.
             RegistryUnavailable: the database cannot take writes now.
         """
         journal = self._writer()
         plugin, change, ownership = self.catalog.register(
-            registration, self.clock(), principal, max_live_instances=max_live_instances
+            registration,
+            self.clock(),
+            principal,
+            max_live_instances=max_live_instances,
+            max_plugins=max_plugins,
         )
         journal.record(change, ownership)
         await journal.commit()
@@ -145,6 +165,14 @@ class RegistryState:
         # Even with nothing to release: a release in flight is durable when we answer.
         await journal.commit()
         return released
+
+    def check_room(self, registration: Registration, max_plugins: int) -> None:
+        """Refuse early what :meth:`register` would refuse for ``max_plugins``.
+
+        Raises:
+            ResourceExhausted: the registry holds ``max_plugins`` and this adds one.
+        """
+        self.catalog.check_room(registration, max_plugins)
 
     def check_instance_access(self, principal: Principal | None, plugin_id: str) -> Plugin | None:
         """The instance, if ``principal`` may act on it (heartbeat, unregister, drain).

@@ -91,7 +91,7 @@ async def running_registry(
     """
     settings.setdefault("listen", "127.0.0.1:0")
     if "database_url" not in settings:
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(Path(folder).mkdir, parents=True, exist_ok=True)
         settings["database_url"] = f"sqlite:///{Path(folder) / 'registry.db'}"
     server = RegistryServer(RegistrySettings(**settings), resolver=resolver or StaticResolver())
     async with server:

@@ -427,6 +427,9 @@ class PluginHost(AsyncService):
         """Heartbeat at the granted interval; return when the registry no longer knows us."""
         assert self._client is not None
         interval = float(registration.heartbeat_interval_seconds) or _FALLBACK_INTERVAL
+        if registration.lease_ttl_seconds:
+            # The interval is whole seconds: a 1 s lease is granted 1 s; beat thrice a TTL.
+            interval = min(interval, registration.lease_ttl_seconds / 3)
         plugin_id = registration.plugin_id
         delay, delays, failures = interval, self._backoff.delays(), 0
         while True:

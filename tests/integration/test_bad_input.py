@@ -171,7 +171,7 @@ INVALID: list[Any] = [
     pytest.param(reg(register(labels={"k": "a\nb"})), "labels[k]", id="label-value-newline"),
     pytest.param(reg(register(labels={f"k{i}": "v" for i in range(33)})), "labels", id="labels-33"),
     # leases
-    pytest.param(reg(register(lease_ttl_seconds=1)), "lease_ttl_seconds", id="ttl-1"),
+    pytest.param(reg(register(lease_ttl_seconds=3601)), "lease_ttl_seconds", id="ttl-3601"),
     pytest.param(reg(register(lease_ttl_seconds=100000)), "lease_ttl_seconds", id="ttl-100000"),
     pytest.param(
         reg(register(lease_ttl_seconds=2**32 - 1)), "lease_ttl_seconds", id="ttl-uint32-max"

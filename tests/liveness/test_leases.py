@@ -1,9 +1,10 @@
 """Leases: expiry without heartbeats, keep-alive, the grace after a restart, no-lease plugins.
 
-The lease TTL is the smallest allowed (3 s) and the reaper ticks every 50 ms. How
-long a test runs is set by control plugins that are left to expire, never by a
-fixed sleep: when a control plugin has expired, the reaper has judged every other
-lease of the same age too.
+The default lease is the smallest allowed (1 s, SPEC §7) and the reaper ticks every
+50 ms; tests that need time between their steps ask for 3 s leases. How long a test
+runs is set by control plugins that are left to expire, never by a fixed sleep: when
+a control plugin has expired, the reaper has judged every other lease of the same
+age too.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ from sqlalchemy import update
 
 from registry import PluginStatus, RegistryClient
 from registry.store import SqlStore
-from registry.tables import PluginRow
+from registry.tables import LeaseRow, PluginRow
 from registry.testing import FakePlugin, running_registry
 from registry.wire import pb
 
 from .conftest import plugin_info, recording, resolved_ids, status_of, steps, wait_status
 
 UNKNOWN, HEALTHY, EXPIRED = PluginStatus.UNKNOWN, PluginStatus.HEALTHY, PluginStatus.EXPIRED
-TTL = 3  # the smallest lease the registry grants
+TTL = 1  # the smallest lease the registry grants, and the default here
+SLOW_TTL = 3  # for plugins that must outlive a test's steps without heartbeats
+BEAT = 0.1  # how often a kept plugin heartbeats: a tenth of the smallest lease
 
 # Health checks only at registration (the plugins stay HEALTHY), nothing ever removed.
 LEASES = {
@@ -41,7 +44,7 @@ def expired(plugin_id: str) -> Callable[[list[pb.WatchResponse]], bool]:
 
 @contextlib.asynccontextmanager
 async def heartbeating(
-    client: RegistryClient, plugin_id: str, every: float = 0.5
+    client: RegistryClient, plugin_id: str, every: float = BEAT
 ) -> AsyncIterator[list[bool]]:
     """Heartbeat ``plugin_id`` every ``every`` seconds (a plugin's timer); yields the acks."""
     acks: list[bool] = []
@@ -72,7 +75,9 @@ async def test_lease_without_heartbeats_expires_and_the_plugin_can_register_agai
         assert (leased.lease_ttl_seconds, leased.heartbeat_interval_seconds) == (TTL, 1)
         assert (unleased.lease_ttl_seconds, unleased.heartbeat_interval_seconds) == (0, 0)
         old_id = leased.plugin_id
-        await wait_status(client, old_id, HEALTHY)
+        # Kept alive until it is HEALTHY (its lease is 1 s); from then on, silence.
+        async with heartbeating(client, old_id):
+            await wait_status(client, old_id, HEALTHY)
         await wait_status(client, unleased.plugin_id, HEALTHY)
 
         await watch.wait_for(expired(old_id), what="the lease to expire")
@@ -89,19 +94,24 @@ async def test_lease_without_heartbeats_expires_and_the_plugin_can_register_agai
         again = await client.register(plugin_info("leased"), plugin.address)
         new_id = again.plugin_id
         assert new_id != old_id
-        replaced = await watch.wait_for(
-            lambda ms: new_id in {p.plugin_id for m in ms for p in m.upserted}, what="new id"
-        )
-        change = next(m for m in replaced if any(p.plugin_id == new_id for p in m.upserted))
-        assert list(change.removed_plugin_ids) == [old_id]  # replaced in one change
-        await wait_status(client, new_id, HEALTHY)
-        assert {p.plugin_id for p in await client.list_plugins()} == {
-            new_id,
-            unleased.plugin_id,
-        }
-        assert await resolved_ids(client, "leased") == {new_id}
-        assert await client.heartbeat(new_id) is True
+        # A 1 s lease: kept alive from the start, as a plugin would.
+        async with heartbeating(client, new_id) as acks:
+            replaced = await watch.wait_for(
+                lambda ms: new_id in {p.plugin_id for m in ms for p in m.upserted}, what="new id"
+            )
+            change = next(m for m in replaced if any(p.plugin_id == new_id for p in m.upserted))
+            assert list(change.removed_plugin_ids) == [old_id]  # replaced in one change
+            await wait_status(client, new_id, HEALTHY)
+            assert {p.plugin_id for p in await client.list_plugins()} == {
+                new_id,
+                unleased.plugin_id,
+            }
+            assert await resolved_ids(client, "leased") == {new_id}
+            assert await client.heartbeat(new_id) is True
+        assert acks
+        assert all(acks)
         assert EXPIRED not in steps(watch.messages, unleased.plugin_id)
+        assert EXPIRED not in steps(watch.messages, new_id)
 
 
 async def test_heartbeats_keep_a_lease_alive_over_several_ttls(tmp_path):
@@ -112,11 +122,11 @@ async def test_heartbeats_keep_a_lease_alive_over_several_ttls(tmp_path):
         recording(client) as watch,
     ):
         kept = (await client.register(plugin_info("kept"), plugin.address)).plugin_id
-        await wait_status(client, kept, HEALTHY)
         async with heartbeating(client, kept) as acks:
-            # Two control leases one after the other, no heartbeats: when the second
-            # has expired, the kept lease has lived through two TTLs of sweeps.
-            for control in ("first-control", "second-control"):
+            await wait_status(client, kept, HEALTHY)
+            # Control leases one after the other, no heartbeats: when the last has
+            # expired, the kept 1 s lease has lived through three TTLs of sweeps.
+            for control in ("first-control", "second-control", "third-control"):
                 control_id = (await client.register(plugin_info(control), "127.0.0.1:9")).plugin_id
                 await watch.wait_for(expired(control_id), what=f"{control} to expire")
             assert acks
@@ -139,8 +149,16 @@ async def test_restart_gives_every_lease_one_ttl_of_grace(tmp_path):
             running_registry(tmp_path, **LEASES) as first,
             RegistryClient(first.address) as client,
         ):
-            alive = (await client.register(plugin_info("alive"), plugin.address)).plugin_id
-            silent = (await client.register(plugin_info("silent"), plugin.address)).plugin_id
+            alive = (
+                await client.register(
+                    plugin_info("alive"), plugin.address, lease_ttl_seconds=SLOW_TTL
+                )
+            ).plugin_id
+            silent = (
+                await client.register(
+                    plugin_info("silent"), plugin.address, lease_ttl_seconds=SLOW_TTL
+                )
+            ).plugin_id
             await wait_status(client, alive, HEALTHY)
             await wait_status(client, silent, HEALTHY)
             assert await client.heartbeat(alive)
@@ -152,7 +170,12 @@ async def test_restart_gives_every_lease_one_ttl_of_grace(tmp_path):
                 await conn.execute(
                     update(PluginRow)
                     .where(PluginRow.plugin_id == silent)
-                    .values(last_heartbeat_at=an_hour_ago, registered_at=an_hour_ago)
+                    .values(registered_at=an_hour_ago)
+                )
+                await conn.execute(
+                    update(LeaseRow)
+                    .where(LeaseRow.plugin_id == silent)
+                    .values(last_heartbeat_at=an_hour_ago)
                 )
         finally:
             await store.close()
@@ -178,7 +201,7 @@ async def test_restart_gives_every_lease_one_ttl_of_grace(tmp_path):
             assert EXPIRED not in steps(watch.messages, alive)
 
         # The grace is one full TTL from the restart, whatever the last heartbeat said.
-        assert grace_used.total_seconds() >= TTL
+        assert grace_used.total_seconds() >= SLOW_TTL
 
 
 async def test_heartbeats_that_change_nothing_push_nothing(tmp_path):
@@ -187,7 +210,9 @@ async def test_heartbeats_that_change_nothing_push_nothing(tmp_path):
         FakePlugin() as plugin,
         RegistryClient(registry.address) as client,
     ):
-        plugin_id = (await client.register(plugin_info("steady"), plugin.address)).plugin_id
+        plugin_id = (
+            await client.register(plugin_info("steady"), plugin.address, lease_ttl_seconds=SLOW_TTL)
+        ).plugin_id
         found = await wait_status(client, plugin_id, HEALTHY)
         async with recording(client) as watch:
             for _ in range(20):

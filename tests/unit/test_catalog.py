@@ -333,3 +333,39 @@ def test_a_catalog_loaded_from_plugins_keeps_the_rules():
     assert change.removed_ids == [owner.plugin_id]
     assert change.revision == 2
     assert loaded.by_source("k8s") == [new]
+
+
+def test_a_source_held_by_many_replicas_is_free_only_when_all_have_expired():
+    catalog = Catalog()
+    replicas = [
+        catalog.register(ingestor("owner", "k8s", address=f"h:{i}"), T0).plugin for i in range(50)
+    ]
+    for replica in replicas[:-1]:
+        set_status(catalog, replica, PluginStatus.EXPIRED)
+    with pytest.raises(AlreadyExists) as caught:
+        catalog.register(ingestor("thief", "k8s"), T1)
+    assert "belongs to plugin 'owner'" in str(caught.value)
+    catalog.remove([replicas[-1].plugin_id])
+    thief = catalog.register(ingestor("thief", "k8s"), T1).plugin
+    holders = ids(catalog.by_source("k8s"))
+    assert holders == sorted(holders)
+    assert set(holders) == {thief.plugin_id} | {r.plugin_id for r in replicas[:-1]}
+
+
+def test_a_replayed_catalog_keeps_its_indexes_in_order():
+    """The committed view replays changes: status updates keep its id order and indexes."""
+    writer, view = Catalog(), Catalog()
+    alone = writer.register(ingestor("alone"), T0)
+    shared = [writer.register(ingestor("s", "shared", address=f"h:{i}"), T0) for i in range(20)]
+    for registered in [alone, *shared]:
+        view.apply(registered.change)
+    view.apply(set_status(writer, shared[3].plugin, PluginStatus.HEALTHY))
+    removal = writer.remove([shared[5].plugin.plugin_id])
+    assert removal is not None
+    view.apply(removal)
+    expected = sorted(r.plugin.plugin_id for r in shared if r is not shared[5])
+    assert ids(view.select(source="shared")) == expected
+    assert ids(view.select()) == sorted([*expected, alone.plugin.plugin_id])
+    healthy = ids(view.select(statuses=frozenset({PluginStatus.HEALTHY})))
+    assert healthy == [shared[3].plugin.plugin_id]
+    assert ids(view.by_source("shared")) == expected

@@ -114,7 +114,6 @@ def test_an_emitter_is_keyed_by_its_emitter_name_else_its_name():
         (request(request_fields={"labels": {"-bad": "v"}}), "labels"),
         (request(request_fields={"labels": {"k": "v" * 257}}), "labels[k]"),
         (request(request_fields={"labels": {f"k{i}": "" for i in range(33)}}), "labels"),
-        (request(request_fields={"lease_ttl_seconds": 2}), "lease_ttl_seconds"),
         (request(request_fields={"lease_ttl_seconds": 3601}), "lease_ttl_seconds"),
         (
             request(request_fields={"lease_ttl_seconds": 5, "no_lease": True}),
@@ -127,7 +126,15 @@ def test_bad_requests_name_the_field(req, field):
 
 
 def test_an_out_of_range_default_lease_is_refused_too():
-    assert field_of(registration_from_request, request(), 1) == "lease_ttl_seconds"
+    assert field_of(registration_from_request, request(), 3601) == "lease_ttl_seconds"
+
+
+@pytest.mark.parametrize("ttl", [1, 2, 3, 3600])
+def test_leases_from_1_s_to_1_h_are_granted(ttl):
+    """SPEC §7: etcd allows 2 s; tests and fast fail-over use 1-3 s."""
+    asked = request(request_fields={"lease_ttl_seconds": ttl})
+    assert registration_from_request(asked, DEFAULT_TTL).lease_ttl_seconds == ttl
+    assert registration_from_request(request(), ttl).lease_ttl_seconds == ttl  # as the default
 
 
 def test_limits_are_configurable():
