@@ -281,8 +281,15 @@ async def _stored_at(engine: AsyncEngine, plugin_id: str, moment: datetime) -> b
 
 
 async def _stored_check(engine: AsyncEngine, plugin_id: str, moment: datetime) -> bool:
+    # At or after: a later check may replace this one in memory before the lazy flush.
     lease = await stored_lease(engine, plugin_id)
-    return lease is not None and _same(lease[1], moment)
+    return lease is not None and lease[1] is not None and _at_or_after(lease[1], moment)
+
+
+def _at_or_after(stored: Any, moment: datetime) -> bool:
+    if isinstance(stored, str):
+        stored = datetime.fromisoformat(stored).replace(tzinfo=UTC)
+    return bool(stored >= moment)
 
 
 def _same(stored: Any, moment: datetime) -> bool:
