@@ -25,6 +25,12 @@ class PluginStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PLUGIN_STATUS_HEALTHY: _ClassVar[PluginStatus]
     PLUGIN_STATUS_UNHEALTHY: _ClassVar[PluginStatus]
     PLUGIN_STATUS_EXPIRED: _ClassVar[PluginStatus]
+
+class ReplicaRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REPLICA_ROLE_UNSPECIFIED: _ClassVar[ReplicaRole]
+    REPLICA_ROLE_LEADER: _ClassVar[ReplicaRole]
+    REPLICA_ROLE_FOLLOWER: _ClassVar[ReplicaRole]
 PLUGIN_TYPE_UNSPECIFIED: PluginType
 PLUGIN_TYPE_INGESTOR: PluginType
 PLUGIN_TYPE_EMITTER: PluginType
@@ -33,6 +39,9 @@ PLUGIN_STATUS_UNKNOWN: PluginStatus
 PLUGIN_STATUS_HEALTHY: PluginStatus
 PLUGIN_STATUS_UNHEALTHY: PluginStatus
 PLUGIN_STATUS_EXPIRED: PluginStatus
+REPLICA_ROLE_UNSPECIFIED: ReplicaRole
+REPLICA_ROLE_LEADER: ReplicaRole
+REPLICA_ROLE_FOLLOWER: ReplicaRole
 
 class PluginInfo(_message.Message):
     __slots__ = ("name", "version", "type", "description", "sources", "emitter_name", "capabilities")
@@ -314,3 +323,59 @@ class ReleaseResponse(_message.Message):
     sources: _containers.RepeatedScalarFieldContainer[str]
     emitter_names: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, released: _Optional[bool] = ..., principal: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., emitter_names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReplicaStatus(_message.Message):
+    __slots__ = ("address", "role", "epoch", "applied_revision", "lag", "last_seen", "up")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    LAG_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    UP_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    role: ReplicaRole
+    epoch: int
+    applied_revision: int
+    lag: int
+    last_seen: _timestamp_pb2.Timestamp
+    up: bool
+    def __init__(self, address: _Optional[str] = ..., role: _Optional[_Union[ReplicaRole, str]] = ..., epoch: _Optional[int] = ..., applied_revision: _Optional[int] = ..., lag: _Optional[int] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., up: _Optional[bool] = ...) -> None: ...
+
+class RegistryStatus(_message.Message):
+    __slots__ = ("address", "role", "leader", "epoch", "revision", "replicas", "backend")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    role: ReplicaRole
+    leader: str
+    epoch: int
+    revision: int
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
+    backend: str
+    def __init__(self, address: _Optional[str] = ..., role: _Optional[_Union[ReplicaRole, str]] = ..., leader: _Optional[str] = ..., epoch: _Optional[int] = ..., revision: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class ForwardedHeartbeat(_message.Message):
+    __slots__ = ("plugin_id", "principal")
+    PLUGIN_ID_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    plugin_id: str
+    principal: str
+    def __init__(self, plugin_id: _Optional[str] = ..., principal: _Optional[str] = ...) -> None: ...
+
+class HeartbeatBatch(_message.Message):
+    __slots__ = ("heartbeats",)
+    HEARTBEATS_FIELD_NUMBER: _ClassVar[int]
+    heartbeats: _containers.RepeatedCompositeFieldContainer[ForwardedHeartbeat]
+    def __init__(self, heartbeats: _Optional[_Iterable[_Union[ForwardedHeartbeat, _Mapping]]] = ...) -> None: ...
+
+class HeartbeatBatchResult(_message.Message):
+    __slots__ = ("refused",)
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    refused: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, refused: _Optional[_Iterable[str]] = ...) -> None: ...

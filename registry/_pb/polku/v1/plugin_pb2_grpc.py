@@ -434,6 +434,11 @@ class PluginRegistryStub:
                 request_serializer=polku_dot_v1_dot_plugin__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=polku_dot_v1_dot_plugin__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/polku.v1.PluginRegistry/GetStatus',
+                request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+                response_deserializer=polku_dot_v1_dot_plugin__pb2.RegistryStatus.FromString,
+                _registered_method=True)
 
 
 class PluginRegistryServicer:
@@ -490,6 +495,13 @@ class PluginRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """Part 4: replicas (SPEC §8). Any replica answers with what it knows of all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PluginRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -532,6 +544,11 @@ def add_PluginRegistryServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=polku_dot_v1_dot_plugin__pb2.ReleaseRequest.FromString,
                     response_serializer=polku_dot_v1_dot_plugin__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                    response_serializer=polku_dot_v1_dot_plugin__pb2.RegistryStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -750,6 +767,112 @@ class PluginRegistry:
             '/polku.v1.PluginRegistry/Release',
             polku_dot_v1_dot_plugin__pb2.ReleaseRequest.SerializeToString,
             polku_dot_v1_dot_plugin__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/polku.v1.PluginRegistry/GetStatus',
+            google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            polku_dot_v1_dot_plugin__pb2.RegistryStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class RegistryReplicaStub:
+    """Between the replicas of one registry only: authenticated by the cluster token
+    (or the replicas' certificates), never by a client's policy entry.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ForwardHeartbeats = channel.unary_unary(
+                '/polku.v1.RegistryReplica/ForwardHeartbeats',
+                request_serializer=polku_dot_v1_dot_plugin__pb2.HeartbeatBatch.SerializeToString,
+                response_deserializer=polku_dot_v1_dot_plugin__pb2.HeartbeatBatchResult.FromString,
+                _registered_method=True)
+
+
+class RegistryReplicaServicer:
+    """Between the replicas of one registry only: authenticated by the cluster token
+    (or the replicas' certificates), never by a client's policy entry.
+    """
+
+    def ForwardHeartbeats(self, request, context):
+        """A follower hands the leader the heartbeats it answered, in one batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RegistryReplicaServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ForwardHeartbeats': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardHeartbeats,
+                    request_deserializer=polku_dot_v1_dot_plugin__pb2.HeartbeatBatch.FromString,
+                    response_serializer=polku_dot_v1_dot_plugin__pb2.HeartbeatBatchResult.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'polku.v1.RegistryReplica', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('polku.v1.RegistryReplica', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class RegistryReplica:
+    """Between the replicas of one registry only: authenticated by the cluster token
+    (or the replicas' certificates), never by a client's policy entry.
+    """
+
+    @staticmethod
+    def ForwardHeartbeats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/polku.v1.RegistryReplica/ForwardHeartbeats',
+            polku_dot_v1_dot_plugin__pb2.HeartbeatBatch.SerializeToString,
+            polku_dot_v1_dot_plugin__pb2.HeartbeatBatchResult.FromString,
             options,
             channel_credentials,
             insecure,
