@@ -30,6 +30,10 @@ _OUR_TABLES = frozenset({"plugins", "registry_meta"})
 _SHOWN_TABLES = 5
 
 
+# The advisory lock key replicas migrate under (any fixed 64-bit number: "polkureg").
+MIGRATION_LOCK = 0x706F6C6B75726567
+
+
 def alembic_config() -> Config:
     """A config pointing at the packaged scripts; no alembic.ini needed."""
     config = Config()
@@ -50,6 +54,10 @@ async def upgrade(engine: AsyncEngine) -> None:
     refuse_empty_file(engine)
 
     def run(connection: Connection) -> None:
+        if connection.dialect.name == "postgresql":
+            # Replicas starting together migrate one after the other, not at once;
+            # released when the transaction ends.
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         config = alembic_config()
         check_ours(connection, name, ScriptDirectory.from_config(config))
         config.attributes["connection"] = connection

@@ -202,6 +202,11 @@ class HealthChecker:
         if self._running:
             return
         self._running = True
+        # Whatever was tracked while stopped (a follower's changes) is scheduled afresh.
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._streaks.clear()
         self._flusher = asyncio.create_task(self._flush_loop(), name="health-flush")
         # After a restart, checks start spread over one interval: steady-state load,
         # not a burst of every registration at once.

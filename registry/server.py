@@ -16,7 +16,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import socket
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,6 +32,10 @@ from registry.migrate import upgrade
 from registry.model import PluginStatus
 from registry.poller import CheckSettings, HealthChecker
 from registry.reaper import LeaseReaper
+from registry.replica import status as replica_status
+from registry.replica.lock import DatabaseLock, lock_for
+from registry.replica.node import Replication
+from registry.replica.servicer import ReplicaServicer
 from registry.service import RegistryService
 from registry.settings import RegistrySettings, default_database_url, is_loopback
 from registry.state import RegistryState
@@ -38,7 +44,7 @@ from registry.trust.addresses import AddressPolicy, HostResolver, SystemResolver
 from registry.trust.auth import AuthInterceptor, CallerLimits
 from registry.trust.dial import PluginCredentials
 from registry.trust.policy import PolicyError, PolicyHolder
-from registry.trust.tls import ServerCredentials
+from registry.trust.tls import ServerCredentials, TlsFiles, channel_credentials
 from registry.validation import check_address
 from registry.watch import WatchHub
 from registry.wire import pb, pb_grpc
@@ -73,6 +79,7 @@ class RegistryServer(AsyncService):
         self.policy: PolicyHolder | None = None
         self.port = 0
         self._store: SqlStore | None = None
+        self._db_lock: DatabaseLock | None = None
         self._state: RegistryState | None = None
         self._hub: WatchHub | None = None
         self._checker: HealthChecker | None = None
@@ -80,6 +87,7 @@ class RegistryServer(AsyncService):
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
         self._tasks: list[asyncio.Task[None]] = []
+        self._replication: Replication | None = None
         self._stopped = asyncio.Event()
 
     @property
@@ -103,6 +111,10 @@ class RegistryServer(AsyncService):
 
     async def start(self) -> None:
         """Open and migrate the database, load the catalog, then serve.
+
+        On PostgreSQL the registry is one replica among any number (SPEC §8): it
+        binds its address, campaigns once (a free lease is taken before serving),
+        and follows or leads from then on.
 
         Raises:
             StoreError: the database cannot be opened, migrated or read.
@@ -146,6 +158,18 @@ class RegistryServer(AsyncService):
                 ("grpc.so_reuseport", 0),
             ],
         )
+        try:
+            if trust.credentials is not None:
+                self.port = server.add_secure_port(settings.listen, trust.credentials.credentials())
+            else:
+                self.port = server.add_insecure_port(settings.listen)
+        except RuntimeError as exc:
+            await self.stop()
+            raise RegistryError(f"cannot listen on {settings.listen}: {exc}") from exc
+        self._server = server
+        replication = self._replication = (
+            self._replicate(state, trust) if self._store_replicated else None
+        )
         service = RegistryService(
             state,
             self._hub,
@@ -153,8 +177,19 @@ class RegistryServer(AsyncService):
             settings,
             address_policy=trust.addresses,
             resolver=self.resolver,
+            replication=replication,
+            status=replication.status if replication is not None else self._single_status,
         )
         pb_grpc.add_PluginRegistryServicer_to_server(service, server)
+        policy = self.policy
+        pb_grpc.add_RegistryReplicaServicer_to_server(
+            ReplicaServicer(
+                state,
+                lambda: policy.current if policy else None,
+                lambda: replication is not None and replication.leading,
+            ),
+            server,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if settings.reflection:
             reflection.enable_server_reflection(
@@ -166,18 +201,15 @@ class RegistryServer(AsyncService):
                 server,
             )
         try:
-            if trust.credentials is not None:
-                self.port = server.add_secure_port(settings.listen, trust.credentials.credentials())
+            if replication is not None:
+                await replication.start()  # leads at once (on_lead) if the lease is free
             else:
-                self.port = server.add_insecure_port(settings.listen)
-        except RuntimeError as exc:
+                await self._lead()
+        except BaseException:
             await self.stop()
-            raise RegistryError(f"cannot listen on {settings.listen}: {exc}") from exc
-        self._server = server
+            raise
         await server.start()
         await self._set_health(True)
-        self._checker.start()
-        self._reaper.start()
         self._tasks.append(asyncio.create_task(self._watch_database(), name="registry-db-health"))
         self._tasks.append(asyncio.create_task(self._hub.load_history(), name="registry-history"))
         warm = messages.warm(list(state.view))
@@ -196,12 +228,80 @@ class RegistryServer(AsyncService):
                 settings.listen,
             )
 
+    @property
+    def advertised(self) -> str:
+        """The address other replicas and clients reach this one at."""
+        if self.settings.advertise:
+            return self.settings.advertise
+        host = self.settings.listen.rpartition(":")[0]
+        if host in ("", "0.0.0.0", "[::]", "::"):
+            host = socket.gethostname()
+        return f"{host}:{self.port}"
+
+    @property
+    def replication(self) -> Replication | None:
+        """The replica's role among others (PostgreSQL); None on SQLite."""
+        return self._replication
+
+    def _replicate(self, state: RegistryState, trust: _Trust) -> Replication:
+        settings = self.settings
+        assert self._store is not None
+        credentials = None
+        if settings.tls is not None:
+            # Replicas present their own certificate to each other and trust the
+            # client CA they require of callers, if any, else the system roots.
+            credentials = channel_credentials(
+                TlsFiles(ca=settings.tls.ca, cert=settings.tls.cert, key=settings.tls.key)
+            )
+        return Replication(
+            state,
+            self._store,
+            address=self.advertised,
+            lease=settings.leader_lease,
+            cluster_token=settings.cluster_token,
+            credentials=credentials,
+            on_lead=self._lead,
+            on_follow=self._follow,
+            poll_interval=settings.replica_poll_interval,
+        )
+
+    async def _lead(self) -> None:
+        """Start the leader's work: quarantine, health checks, the reaper."""
+        await self._quarantine(self.state)
+        self.checker.start()
+        if self._reaper is not None:
+            self._reaper.start()
+
+    async def _follow(self) -> None:
+        """Stop the leader's work (a follower checks nothing and reaps nothing)."""
+        for actor in (self._reaper, self._checker):
+            if actor is not None:
+                await actor.stop()
+
+    async def _single_status(self) -> pb.RegistryStatus:
+        """GetStatus of the one registry an SQLite file holds."""
+        revision = self.state.view.revision
+        return replica_status.registry_status(
+            address=self.advertised,
+            leading=True,
+            leader=self.advertised,
+            epoch=0,
+            head=revision,
+            reports=[
+                replica_status.Report(
+                    self.advertised, "leader", 0, revision, datetime.now(UTC), True
+                )
+            ],
+            backend="sqlite",
+        )
+
     async def _open_database(self) -> RegistryState:
         """Open, check and migrate the database, load the catalog, quarantine bad rows.
 
         Refused with one line: a missing folder of an SQLite file (``--db`` never
         creates one; the embedded default's own folder is created), an SQLite file
-        that exists but is empty, a database that is not this registry's.
+        that exists but is empty, a database that is not this registry's, an SQLite
+        file another registry (or a migration) holds the lock of.
 
         Raises:
             StoreError: the database cannot be opened, is refused, or cannot be
@@ -215,13 +315,15 @@ class RegistryServer(AsyncService):
         except ValueError as exc:
             raise StoreError(f"database URL: {exc}") from exc
         try:
+            # Before migrating: one registry per SQLite file, and none migrated under another.
+            self._db_lock = lock_for(settings.database_url)
             await upgrade(self._store.engine)
             state = RegistryState(
                 self._store, flush_interval=settings.flush_interval, retain=settings.change_log_size
             )
             self._state = state
-            await state.start()
-            await self._quarantine(state)
+            if not self._store_replicated:
+                await state.start()  # replicas start theirs as followers, once bound
         except BaseException:
             await self.stop()
             raise
@@ -301,7 +403,9 @@ class RegistryServer(AsyncService):
             register_burst=settings.register_burst,
             max_streams_per_principal=settings.max_streams_per_principal,
         )
-        interceptor = AuthInterceptor(lambda: policy.current if policy else None, limits)
+        interceptor = AuthInterceptor(
+            lambda: policy.current if policy else None, limits, settings.cluster_token
+        )
         return _Trust(interceptor, credentials, plugin_tls, addresses)
 
     async def stop(self, grace: float | None = 5.0) -> None:
@@ -310,11 +414,17 @@ class RegistryServer(AsyncService):
         Idempotent and safe before ``start``.
         """
         await self._health.enter_graceful_shutdown()
+        replication, self._replication = self._replication, None
+        if replication is not None:
+            # First: the lease goes to another replica while this one drains its calls.
+            await replication.stop()
         if self._hub is not None:
             self._hub.close()  # Watch streams end now rather than at the grace deadline
         server, self._server = self._server, None
         if server is not None:
             await server.stop(grace)
+        if replication is not None:
+            await replication.close()  # writes forwarded during the grace are answered
         for actor in (self._reaper, self._checker):
             if actor is not None:
                 await actor.stop()
@@ -329,7 +439,14 @@ class RegistryServer(AsyncService):
         if self._store is not None:
             await self._store.close()
             self._store = None
+        db_lock, self._db_lock = self._db_lock, None
+        if db_lock is not None:  # last: the next registry on the file starts after this one
+            db_lock.release()
         self._stopped.set()
+
+    @property
+    def _store_replicated(self) -> bool:
+        return self._store is not None and self._store.dialect == "postgresql"
 
     async def wait_closed(self) -> None:
         """Wait until :meth:`stop` has finished."""
@@ -362,7 +479,7 @@ class RegistryServer(AsyncService):
                 elif not changed:  # right after the failure: say so, probe next time
                     await store.probe_write()
                 why = "its database takes no writes" if store.write_error else "recovering"
-                ok = store.write_error is None and self.state.writable
+                ok = store.write_error is None and not self.state.recovering
             except StoreError as exc:
                 ok, why = False, str(exc)
             except Exception:

@@ -2,6 +2,11 @@
 
 Only this module turns domain errors into status codes. Nothing a client sends can
 produce UNKNOWN: unexpected failures answer INTERNAL and are logged.
+
+Replicas (SPEC §8): on a follower, writes are checked here as on the leader, then
+forwarded to it (``registry.replica.forward``) and answered once this replica's
+catalogue holds the revision the leader named; heartbeats are answered here and
+reach the leader in batches. Reads and Watch are this replica's own.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from registry.errors import (
     Unauthenticated,
 )
 from registry.model import Principal
+from registry.replica.forward import REVISION_KEY
+from registry.replica.node import Replication
 from registry.settings import POLICY_MAX_INSTANCES, RegistrySettings
 from registry.state import RegistryState
 from registry.trust.addresses import (
@@ -38,7 +45,7 @@ from registry.trust.addresses import (
     parse_address,
     vet,
 )
-from registry.trust.auth import current_principal
+from registry.trust.auth import current_origin, current_principal
 from registry.validation import (
     check_plugin_id,
     check_plugin_name,
@@ -80,6 +87,8 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
 # What a client hears of a database failure: the details (SQL, parameters, paths) go
 # to the log only.
 STORE_FAILED = "the registry cannot store changes right now; retry shortly"
+# How long a follower waits for its catalogue to hold a write the leader answered.
+APPLIED_TIMEOUT = 2.0
 INTERNAL_ERROR = "internal error; see the registry's log"
 
 Req = TypeVar("Req")
@@ -118,11 +127,12 @@ def _audit(
     name: str,
     detail: str,
 ) -> None:
+    origin = current_origin()
     audit.info(
         "%s principal=%s peer=%s name=%s %s",
         action,
         principal.name if principal is not None else "-",
-        context.peer(),
+        context.peer() if origin is None else f"{origin} via {context.peer()}",
         name,
         detail,
     )
@@ -168,8 +178,12 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         *,
         address_policy: AddressPolicy,
         resolver: HostResolver,
+        replication: Replication | None = None,
+        status: Callable[[], Awaitable[pb.RegistryStatus]] | None = None,
     ) -> None:
         self._state = state
+        self._replication = replication
+        self._status = status
         self._hub = hub
         self._messages = messages
         self._settings = settings
@@ -192,6 +206,30 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
             self._state.check_instance_access(principal, plugin_id)
         return principal, plugin_id
 
+    def _follower(self) -> Replication | None:
+        """The replication while this replica follows (writes go to the leader)."""
+        replication = self._replication
+        return replication if replication is not None and not replication.leading else None
+
+    async def _forward(
+        self, replication: Replication, method: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> Any:
+        """Have the leader answer ``request`` as the caller; answer once applied here."""
+        try:
+            response, revision = await replication.link.forward(
+                method, request, current_principal(), context.peer()
+            )
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "")
+        if revision and not await self._state.wait_applied(revision, APPLIED_TIMEOUT):
+            log.warning("revision %d not applied here within %ss", revision, APPLIED_TIMEOUT)
+        return response
+
+    def _name_revision(self, context: grpc.aio.ServicerContext) -> None:
+        """Leading among replicas: name the revision of a write, for the follower."""
+        if self._replication is not None:
+            context.set_trailing_metadata(((REVISION_KEY, str(self._state.catalog.revision)),))
+
     @_status_mapped
     async def Register(
         self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
@@ -211,6 +249,12 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         address = parse_address("address", registration.address)
         with contextlib.suppress(Unresolvable):  # accepted; vetted again at every dial
             await vet(address, self._address_policy, self._resolver)
+        follower = self._follower()
+        if follower is not None:
+            answer: pb.RegisterResponse = await self._forward(
+                follower, "Register", request, context
+            )
+            return answer
         principal = current_principal()
         # max_plugins again, where nothing can come between the count and the store.
         plugin = await self._state.register(
@@ -226,6 +270,7 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
             plugin.name,
             f"id={plugin.plugin_id} revision={plugin.revision}",
         )
+        self._name_revision(context)
         ttl = registration.lease_ttl_seconds
         return pb.RegisterResponse(
             accepted=True,
@@ -239,16 +284,31 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatResponse:
-        _, plugin_id = self._instance(request.plugin_id)
-        return pb.HeartbeatResponse(acknowledged=self._state.heartbeat(plugin_id) is not None)
+        principal, plugin_id = self._instance(request.plugin_id)
+        renewed = self._state.heartbeat(plugin_id) is not None
+        follower = self._follower()
+        if follower is not None:
+            if not renewed:
+                # Not here (yet): the leader knows for sure.
+                answer: pb.HeartbeatResponse = await self._forward(
+                    follower, "Heartbeat", request, context
+                )
+                return answer
+            follower.link.heartbeat(plugin_id, principal)
+        return pb.HeartbeatResponse(acknowledged=renewed)
 
     @_status_mapped
     async def Unregister(
         self, request: pb.UnregisterRequest, context: grpc.aio.ServicerContext
     ) -> Empty:
         principal, plugin_id = self._instance(request.plugin_id)
+        follower = self._follower()
+        if follower is not None:
+            answer: Empty = await self._forward(follower, "Unregister", request, context)
+            return answer
         plugin = self._state.catalog.get(plugin_id)
         await self._state.remove([plugin_id])
+        self._name_revision(context)
         if plugin is not None:
             revision = self._state.catalog.revision
             _audit(
@@ -261,6 +321,10 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseResponse:
         name = check_plugin_name("name", request.name, self._settings.limits)
+        follower = self._follower()
+        if follower is not None:
+            answer: pb.ReleaseResponse = await self._forward(follower, "Release", request, context)
+            return answer
         released = await self._state.release(name)
         if released is None:
             return pb.ReleaseResponse(released=False)
@@ -329,6 +393,14 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
             endpoints=[convert.endpoint(p) for p in plugins if p.routable],
             revision=self._state.view.revision,
         )
+
+    @_status_mapped
+    async def GetStatus(
+        self, request: Empty, context: grpc.aio.ServicerContext
+    ) -> pb.RegistryStatus:
+        if self._status is None:
+            raise RegistryUnavailable("the registry's status is not available")
+        return await self._status()
 
     async def Watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext

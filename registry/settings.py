@@ -91,6 +91,20 @@ class RegistrySettings:
     # Always on, whatever the mode.
     max_concurrent_rpcs: int = 1024
     max_connections_per_peer: int = 256
+    # -- replicas on PostgreSQL (SPEC §8) --
+    leader_lease: float = 5.0
+    # The address other replicas and clients reach this one at; None: the listen
+    # address with the port bound (its host name when it listens on every address).
+    advertise: str | None = None
+    # Shared by every replica; authenticates forwarded writes and heartbeat batches.
+    cluster_token: str | None = None
+    # How often a replica's change pump polls when no NOTIFY woke it.
+    replica_poll_interval: float = 1.0
+
+    @property
+    def replicated(self) -> bool:
+        """Whether this is one of possibly several replicas (PostgreSQL)."""
+        return self.database_url.startswith(("postgresql", "postgres:"))
 
     @property
     def secured(self) -> bool:
@@ -130,6 +144,12 @@ class RegistrySettings:
             "max_bytes_per_plugin": (self.max_bytes_per_plugin >= 1024, "must be at least 1024"),
             "max_concurrent_rpcs": (self.max_concurrent_rpcs >= 1, "must be at least 1"),
             "max_connections_per_peer": (self.max_connections_per_peer >= 1, "must be at least 1"),
+            "leader_lease": (0.5 <= self.leader_lease <= 300, "must be from 0.5 to 300 seconds"),
+            "replica_poll_interval": (self.replica_poll_interval > 0, "must be positive"),
+            "cluster_token": (
+                self.cluster_token is None or 16 <= len(self.cluster_token) <= 512,
+                "must be 16 to 512 characters",
+            ),
             "register_rate": (not self.register_rate or self.register_rate > 0, "must be >= 0"),
             "register_burst": (not self.register_burst or self.register_burst > 0, "must be >= 0"),
             "max_instances_per_principal": (
@@ -146,6 +166,14 @@ class RegistrySettings:
                 raise ValueError(f"{name}: {getattr(self, name)!r} {rule}")
         if self.tls is not None and (self.tls.cert is None or self.tls.key is None):
             raise ValueError("tls: serving TLS needs a certificate and its key")
+        if self.secured and self.replicated and self.cluster_token is None:
+            raise ValueError(
+                "cluster_token: required with an auth policy on PostgreSQL: replicas "
+                "forward writes with the caller's identity only under it "
+                "(give --cluster-token or POLKU_REGISTRY_CLUSTER_TOKEN)"
+            )
+        if self.cluster_token is not None and not self.cluster_token.isprintable():
+            raise ValueError("cluster_token: must be printable ASCII")
         if not self.secured and not self.insecure and not is_loopback(self.listen):
             raise ValueError(
                 f"listen: {self.listen!r} is not a loopback address; without an auth policy "

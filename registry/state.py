@@ -12,6 +12,11 @@ Ownership of names and claims (SPEC §6) is held by ``catalog`` alone: only writ
 and their checks need it. It is stored with the change that recorded it, and
 reloaded with the catalog after a failed write.
 
+Replicas (SPEC §8): a follower holds no journal and no write side of its own; its
+``catalog`` *is* its ``view``, fed by the change pump through :meth:`apply`. It
+becomes the leader with :meth:`lead` (a write side loaded fresh from the database,
+which it has caught up with) and a follower again with :meth:`follow`.
+
 ``grace_from`` is the moment leases (and the deregister clock) count from at the
 earliest: the start, or the end of a pause of the registry itself (SPEC §7 "Pauses
 do not evict"), which :meth:`RegistryState.grant_grace` records.
@@ -20,6 +25,7 @@ do not evict"), which :meth:`RegistryState.grant_grace` records.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -28,7 +34,7 @@ from registry.catalog import Catalog, Released
 from registry.errors import RegistryUnavailable, StoreError
 from registry.journal import Journal
 from registry.model import Change, Plugin, Principal, Registration
-from registry.store import Snapshot, Store
+from registry.store import Fenced, Snapshot, Store
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +68,12 @@ class RegistryState:
         self._listeners: list[Listener] = []
         self._reset_listeners: list[Callable[[], None]] = []
         self._recovering: asyncio.Task[None] | None = None
+        self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # Called when a write was fenced: this replica is no longer the leader.
+        self.on_fenced: Callable[[], None] | None = None
 
-    async def start(self) -> None:
-        """Load the catalog from the store and start the writer.
+    async def start(self, *, leading: bool = True) -> None:
+        """Load the catalog from the store and, leading, start the writer.
 
         Raises:
             StoreError: the database cannot be read.
@@ -72,9 +81,15 @@ class RegistryState:
         snapshot = await self.store.load()
         self._load(snapshot)
         self.started_at = self.grace_from = self.clock()
+        if leading:
+            self._start_journal(snapshot.revision)
+        else:
+            self.catalog = self.view
+
+    def _start_journal(self, revision: int) -> None:
         self._journal = Journal(
             self.store,
-            revision=snapshot.revision,
+            revision=revision,
             flush_interval=self._flush_interval,
             retain=self._retain,
             on_committed=self._publish,
@@ -89,6 +104,100 @@ class RegistryState:
         journal, self._journal = self._journal, None
         if journal is not None:
             await journal.stop()
+        for _, waiter in self._applied_waiters:
+            waiter.cancel()
+        self._applied_waiters = []
+
+    # -- replicas --------------------------------------------------------------
+
+    @property
+    def leading(self) -> bool:
+        return self._journal is not None
+
+    async def lead(self) -> None:
+        """Take the write side: load it from the database (already caught up to its
+        head), start the writer, and give every lease one TTL of grace (SPEC §8).
+
+        Raises:
+            StoreError: the database cannot be read.
+        """
+        snapshot = await self.store.load()
+        if snapshot.revision != self.view.revision:
+            # The pump had not caught up after all: take the database's state whole.
+            self.view = Catalog(snapshot.plugins, snapshot.revision)
+            self._reset()
+        self.catalog = Catalog(
+            snapshot.plugins, snapshot.revision, owners=snapshot.owners, claims=snapshot.claims
+        )
+        self.grant_grace()
+        self._start_journal(snapshot.revision)
+
+    async def follow(self) -> None:
+        """Give the write side up: writes staged and not committed are dropped
+        (their callers hear the registry is unavailable); the view stays."""
+        if self._recovering is not None:
+            self._recovering.cancel()
+            self._recovering = None
+        journal, self._journal = self._journal, None
+        if journal is not None:
+            await journal.stop()
+        self.catalog = self.view
+
+    async def flush(self) -> None:
+        """Make everything staged durable now (a leader about to hand over).
+
+        Raises:
+            StoreError: the write failed.
+        """
+        if self._journal is not None:
+            await self._journal.commit()
+
+    def apply(self, changes: list[Change]) -> None:
+        """Apply changes the leader committed (from the change pump), in revision order."""
+        fresh = [c for c in changes if c.revision > self.view.revision]
+        if fresh:
+            self._publish(fresh)
+
+    async def resync(self) -> int:
+        """Reload the view whole from the database (a follower that missed changes).
+
+        Raises:
+            StoreError: the database cannot be read.
+        """
+        snapshot = await self.store.load()
+        self.view = Catalog(snapshot.plugins, snapshot.revision)
+        if self._journal is None:
+            self.catalog = self.view
+        self._reset()
+        self._wake_applied()
+        log.info("registry catalogue resynchronised at revision %d", snapshot.revision)
+        return snapshot.revision
+
+    async def wait_applied(self, revision: int, timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until the view holds ``revision``; False after ``timeout`` seconds."""
+        if self.view.revision >= revision:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        entry = (revision, waiter)
+        self._applied_waiters.append(entry)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            with contextlib.suppress(ValueError):
+                self._applied_waiters.remove(entry)
+        return True
+
+    def _wake_applied(self) -> None:
+        revision = self.view.revision
+        for wanted, waiter in self._applied_waiters:
+            if wanted <= revision and not waiter.done():
+                waiter.set_result(None)
+
+    def _reset(self) -> None:
+        for on_reset in self._reset_listeners:
+            on_reset()
 
     def subscribe(self, listener: Listener, on_reset: Callable[[], None] | None = None) -> None:
         """Call ``listener`` with each committed batch of changes, in revision order.
@@ -102,7 +211,13 @@ class RegistryState:
 
     @property
     def writable(self) -> bool:
+        """Whether writes are taken here now (leading, and not reloading)."""
         return self._journal is not None and self._recovering is None
+
+    @property
+    def recovering(self) -> bool:
+        """Whether the catalog is being reloaded after a failed write."""
+        return self._recovering is not None
 
     def grant_grace(self) -> datetime:
         """Count every lease and deregister clock from now at the earliest; returns now.
@@ -257,13 +372,20 @@ class RegistryState:
     def _publish(self, changes: list[Change]) -> None:
         for change in changes:
             self.view.apply(change)
+        if self._applied_waiters:
+            self._wake_applied()
         for listener in self._listeners:
             try:
                 listener(changes)
             except Exception:
                 log.exception("change listener failed")
 
-    async def _on_write_failed(self, _exc: StoreError) -> None:
+    async def _on_write_failed(self, exc: StoreError) -> None:
+        if isinstance(exc, Fenced):
+            # Not a database failure: this replica's epoch is over. Its owner steps down.
+            if self.on_fenced is not None:
+                self.on_fenced()
+            return
         if self._recovering is None:
             self._recovering = asyncio.create_task(self._recover(), name="registry-recover")
 
@@ -281,8 +403,7 @@ class RegistryState:
             self._load(snapshot)
             if self._journal is not None:
                 self._journal.reset(snapshot.revision)
-            for on_reset in self._reset_listeners:
-                on_reset()
+            self._reset()
             log.info("registry catalog reloaded at revision %d", snapshot.revision)
             self._recovering = None
             return

@@ -1,12 +1,12 @@
 """Durable storage of the catalog in SQLite (embedded default) or PostgreSQL.
 
-All SQL of the project lives here. The store keeps no state of its own beyond the
-engine and the outcome of its last write: it loads everything at start and then
-writes batches of changes, one transaction per batch. A plugin's lease and check
-fields (:class:`Lease`) change without a revision and are written apart from its
-row, in ``plugin_leases``: a heartbeat or a health result costs a few bytes, never
-the plugin's labels again (SPEC §7). Database errors leave it as
-:class:`StoreError`, chained.
+All SQL of the project lives here, but for the replicas' own (``registry.replica``).
+The store keeps no state of its own beyond the engine and the outcome of its last
+write: it loads everything at start and then writes batches of changes, one
+transaction per batch. A plugin's lease and check fields (:class:`Lease`) change
+without a revision and are written apart from its row, in ``plugin_leases``: a
+heartbeat or a health result costs a few bytes, never the plugin's labels again
+(SPEC §7). Database errors leave it as :class:`StoreError`, chained.
 
 The folder of an SQLite file is never created unless the caller says it is its own
 (the registry's default data folder): a typo in ``--db`` must not start an empty
@@ -49,6 +49,19 @@ _LOAD_PLUGINS = select(*_PLUGINS.columns, *(_LEASES.c[name] for name in _LEASE_F
 )
 _TRIM_CHANGES = delete(ChangeRow).where(ChangeRow.revision <= bindparam("oldest"))
 _INSERT_CHANGES = insert(ChangeRow)
+_HISTORY = select(ChangeRow.revision, ChangeRow.upserted, ChangeRow.removed).order_by(
+    ChangeRow.revision
+)
+# PostgreSQL: the leader's every write transaction starts here (SPEC §8). The row
+# lock it takes orders it against a take-over; 0 rows means this replica's epoch
+# is over (or its lease ran out) and nothing of the transaction may commit.
+_FENCE = text(
+    "UPDATE registry_leader SET epoch = epoch "
+    "WHERE id = 1 AND epoch = :epoch AND holder = :holder AND expires_at > clock_timestamp()"
+)
+# Delivered to every LISTENing replica when the transaction commits.
+CHANGES_CHANNEL = "polku_registry_changes"
+_NOTIFY = text(f"SELECT pg_notify('{CHANGES_CHANNEL}', :revision)")
 _DELETE_OWNERS = delete(OwnerRow).where(OwnerRow.name.in_(bindparam("names", expanding=True)))
 _DELETE_CLAIMS = delete(ClaimRow).where(
     ClaimRow.kind == bindparam("kind"), ClaimRow.key.in_(bindparam("keys", expanding=True))
@@ -172,6 +185,22 @@ class Batch:
         return bool(self.moves_revision or self.touches or self.owners or self.claims)
 
 
+class Fenced(StoreError):
+    """This replica's leader epoch is over: its write was refused whole (SPEC §8)."""
+
+
+class Fence(Protocol):
+    """The leader lease a PostgreSQL write is fenced by (``registry.replica.election``)."""
+
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def holder(self) -> str: ...
+    def holds(self) -> bool:
+        """Whether the lease is still ours by this process's own clock."""
+        ...
+
+
 class Store(Protocol):
     """What the registry needs from its database."""
 
@@ -201,6 +230,12 @@ class SqlStore:
         self._upsert_claims = _upsert(dialect, ClaimRow.__table__, "kind", "key")
         self._write_error: StoreError | None = None
         self._write_changed = asyncio.Event()
+        self.dialect = dialect
+        # Replicas on PostgreSQL (``registry.replica``) set ``replicated``: every
+        # write then goes through the leader lease, and ``fence`` None means "not
+        # the leader", so every write is refused. SQLite is one registry per file.
+        self.replicated = False
+        self.fence: Fence | None = None
 
     @classmethod
     def open(cls, url: str, *, create_folder: bool = False) -> SqlStore:
@@ -261,7 +296,7 @@ class SqlStore:
         """
         try:
             async with self.engine.connect() as conn:
-                history = (await conn.execute(select(ChangeRow).order_by(ChangeRow.revision))).all()
+                history = (await conn.execute(_HISTORY)).all()
         except (SQLAlchemyError, OSError) as exc:
             raise StoreError(f"cannot load the change log: {exc}") from exc
         # Decoding thousands of entries is CPU work: off the event loop.
@@ -287,11 +322,25 @@ class SqlStore:
         row and its lease row. A batch that moves no revision (touches, ownership)
         leaves ``registry_meta`` alone.
 
+        Replicated, the transaction is fenced by the leader lease (:attr:`fence`)
+        and wakes every replica's change pump when it commits.
+
         Raises:
+            Fenced: replicated, and this replica does not hold the leader lease.
             StoreError: the database failed; nothing of the batch was written.
         """
+        fence = self.fence
+        epoch = 0
+        if self.replicated:
+            if fence is None or not fence.holds():
+                raise Fenced("this replica is not the leader; retry shortly")
+            epoch = fence.epoch
         try:
             async with self.engine.begin() as conn:
+                if fence is not None and epoch:
+                    fenced = await conn.execute(_FENCE, {"epoch": epoch, "holder": fence.holder})
+                    if fenced.rowcount != 1:
+                        raise Fenced(f"leader epoch {epoch} is over; nothing was written")
                 await self._write_plugins(conn, batch)
                 if batch.changes:
                     entries = [
@@ -299,11 +348,14 @@ class SqlStore:
                             "revision": c.revision,
                             "upserted": [_json_row(p) for p in c.upserted],
                             "removed": [_json_row(p) for p in c.removed],
+                            "epoch": epoch,
                         }
                         for c in batch.changes
                     ]
                     await conn.execute(_INSERT_CHANGES, entries)
                     await conn.execute(_TRIM_CHANGES, {"oldest": batch.revision - batch.retain})
+                    if self.replicated:
+                        await conn.execute(_NOTIFY, {"revision": str(batch.revision)})
                 # Ownership in the same transaction: a Register answered is durable
                 # together with what it recorded, or neither is stored.
                 await self._write_ownership(conn, batch)
@@ -363,6 +415,11 @@ class SqlStore:
         Raises:
             StoreError: the write failed (:attr:`write_error` says so too).
         """
+        if self.replicated and self.fence is None:
+            # Not the leader: it writes nothing, so reaching the database is all.
+            await self.ping()
+            self._wrote(None)
+            return
         # revision 0 only if the row is missing (no revision was ever stored).
         row = {"id": 1, "revision": 0, "probed_at": datetime.now(UTC)}
         try:
@@ -384,14 +441,16 @@ class SqlStore:
 
 
 def _changes_from_rows(rows: Sequence[Any]) -> list[Change]:
-    return [
-        Change(
-            revision=row.revision,
-            upserted=tuple(_plugin_from_row(_from_json(p)) for p in row.upserted),
-            removed=tuple(_plugin_from_row(_from_json(p)) for p in row.removed),
-        )
-        for row in rows
-    ]
+    return [change_from_json(row.revision, row.upserted, row.removed) for row in rows]
+
+
+def change_from_json(revision: int, upserted: Any, removed: Any) -> Change:
+    """A ``changes`` row as a :class:`Change`: its plugin lists are decoded JSON."""
+    return Change(
+        revision=revision,
+        upserted=tuple(_plugin_from_row(_from_json(p)) for p in upserted),
+        removed=tuple(_plugin_from_row(_from_json(p)) for p in removed),
+    )
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

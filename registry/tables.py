@@ -110,6 +110,8 @@ class ChangeRow(Base):
     # Plugin states as JSON objects (see registry.store): new ones, and removed ones.
     upserted: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     removed: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    # The leader epoch that committed it (SPEC §8); 0 on SQLite and before replicas.
+    epoch: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 class RegistryMetaRow(Base):
@@ -151,3 +153,32 @@ class ClaimRow(Base):
     principal: Mapped[str] = mapped_column(String(255))
     plugin_name: Mapped[str] = mapped_column(String(63))
     claimed_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class LeaderRow(Base):
+    """The leader lease (one row, id 1): held by ``holder`` under ``epoch`` until ``expires_at``.
+
+    Times are the database's own clock: replicas compare against ``now()`` there, so
+    their clocks never decide who leads.
+    """
+
+    __tablename__ = "registry_leader"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    holder: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str] = mapped_column(String(300))
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class ReplicaRow(Base):
+    """A replica's last report, by the address it advertises (so a restart reuses the row)."""
+
+    __tablename__ = "registry_replicas"
+
+    address: Mapped[str] = mapped_column(String(300), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    applied_revision: Mapped[int] = mapped_column(BigInteger)
+    seen_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -113,8 +113,10 @@ class WatchHub:
         except Exception as exc:
             log.warning("change log not loaded; resuming watchers get snapshots: %s", exc)
             stored = []
-        first_live = self._log[0].revision if self._log else None
-        older = [c for c in stored if first_live is None or c.revision < first_live]
+        # Only what the view already holds: a replica's pump may not have applied the
+        # newest stored revisions yet, and will hand them over itself.
+        first_live = self._log[0].revision if self._log else self._state.view.revision + 1
+        older = [c for c in stored if c.revision < first_live]
         self._log = deque([*older, *self._log], maxlen=self._log.maxlen)
         self._history_loaded.set()
 

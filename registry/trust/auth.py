@@ -19,6 +19,14 @@
    KeepAlive. The per-principal bound on live instances is not here: the catalog
    enforces it, since only it knows which instances are live.
 
+Replicas (SPEC §8): a follower forwards a write to the leader with the cluster token
+(``x-polku-cluster-token``) and the name of the principal it verified
+(``x-polku-forwarded-for``). With a token that matches ``cluster_token``, the leader
+takes that principal from its own policy (scopes included); without one, the header
+counts for nothing and the call needs its own identity. ``polku.v1.RegistryReplica``
+(heartbeat batches) needs the cluster token whenever one is set or a policy is in
+force.
+
 5. Undecodable requests of admitted calls answer INVALID_ARGUMENT
    (:mod:`registry.trust.decoding`).
 
@@ -37,6 +45,7 @@ call's auth context always come from a certificate that chained to the client CA
 from __future__ import annotations
 
 import contextvars
+import hmac
 import inspect
 import logging
 import math
@@ -57,6 +66,14 @@ log = logging.getLogger(__name__)
 
 SERVICE = "polku.v1.PluginRegistry"
 _PREFIX = f"/{SERVICE}/"
+REPLICA_SERVICE = "polku.v1.RegistryReplica"
+_REPLICA_PREFIX = f"/{REPLICA_SERVICE}/"
+# The scope of RegistryReplica's methods: only the other replicas hold it.
+CLUSTER_SCOPE = "cluster"
+# Metadata of a forwarded call (registry.replica.forward).
+CLUSTER_TOKEN_KEY = "x-polku-cluster-token"
+FORWARDED_FOR_KEY = "x-polku-forwarded-for"
+FORWARDED_PEER_KEY = "x-polku-forwarded-peer"
 
 # The scope each PluginRegistry method needs. Methods of the service that are not
 # listed need "admin": a method added to the proto is closed until someone opens it.
@@ -96,6 +113,9 @@ _NO_IDENTITY = (
 _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "polku_registry_principal", default=None
 )
+_origin: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "polku_registry_origin", default=None
+)
 
 
 def current_principal() -> Principal | None:
@@ -112,7 +132,14 @@ def method_scope(method: str) -> str | None:
     scope = METHOD_SCOPES.get(method)
     if scope is None and method.startswith(_PREFIX):
         return "admin"
+    if method.startswith(_REPLICA_PREFIX):
+        return CLUSTER_SCOPE
     return scope
+
+
+def current_origin() -> str | None:
+    """The original caller's peer of a verified forwarded call; None otherwise."""
+    return _origin.get()
 
 
 def parse_peer(peer: str) -> tuple[str, str] | None:
@@ -220,7 +247,7 @@ class _Rule:
 class _Ticket:
     """What one admitted call holds, to give back when it ends."""
 
-    __slots__ = ("connection", "host", "key", "streams", "var")
+    __slots__ = ("connection", "host", "key", "origin", "streams", "var")
 
     def __init__(self) -> None:
         self.host: str | None = None
@@ -228,6 +255,7 @@ class _Ticket:
         self.streams: KeyedCounter | None = None
         self.key: str = ""
         self.var: contextvars.Token[Principal | None] | None = None
+        self.origin: contextvars.Token[str | None] | None = None
 
 
 Behaviour = Callable[..., Any]
@@ -245,8 +273,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     served unguarded.
     """
 
-    def __init__(self, policy: Callable[[], AuthPolicy | None], limits: CallerLimits) -> None:
+    def __init__(
+        self,
+        policy: Callable[[], AuthPolicy | None],
+        limits: CallerLimits,
+        cluster_token: str | None = None,
+    ) -> None:
         self._policy = policy
+        self._cluster_token = cluster_token.encode() if cluster_token else None
         self.limits = limits
         self._max_rpcs = limits.max_concurrent_rpcs
         self._in_flight = 0
@@ -380,6 +414,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 ticket.host, ticket.connection = host, connection
             policy = self._policy()
             principal: Principal | None = None
+            if rule.scope == CLUSTER_SCOPE:
+                if policy is not None or self._cluster_token is not None:
+                    await self._check_cluster_token(context)
+                return ticket  # another replica: no principal, no per-principal limits
             if policy is None:
                 mode = self._open
                 caller = peer[0] if peer is not None else "unix"
@@ -387,7 +425,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 mode = self._secured
                 if rule.scope is None:
                     return ticket  # an open service: no identity, no per-principal limits
-                principal = await _identify(policy, context)
+                forwarded = _forwarded(context)
+                if forwarded is not None:
+                    await self._check_cluster_token(context)
+                    principal = policy.principal_named(forwarded[0])
+                    if principal is None:
+                        await _deny(
+                            context,
+                            _UNAUTHENTICATED,
+                            f"forwarded principal {forwarded[0]!r} is not in the auth policy",
+                        )
+                    ticket.origin = _origin.set(forwarded[1])
+                else:
+                    principal = await _identify(policy, context)
                 if not principal.allows(rule.scope):
                     await _deny(
                         context,
@@ -419,6 +469,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self._leave(ticket)
             raise
 
+    async def _check_cluster_token(self, context: grpc.aio.ServicerContext) -> None:
+        """Refuse a call that does not carry this registry's cluster token.
+
+        Raises:
+            grpc.aio.AbortError: UNAUTHENTICATED.
+        """
+        expected = self._cluster_token
+        if expected is None:
+            await _deny(
+                context, _UNAUTHENTICATED, "this replica has no cluster token: start it with one"
+            )
+        sent = [v for k, v in context.invocation_metadata() or () if k == CLUSTER_TOKEN_KEY]
+        given = str(sent[0]).encode() if len(sent) == 1 else b""
+        if not hmac.compare_digest(given, expected):
+            await _deny(context, _UNAUTHENTICATED, "the cluster token does not match")
+
     def _leave(self, ticket: _Ticket) -> None:
         """Give back what :meth:`_admit` counted for one call."""
         self._in_flight -= 1
@@ -427,8 +493,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if ticket.streams is not None:
             ticket.streams.release(ticket.key)
         if ticket.var is not None:
-            try:  # noqa: SIM105 (cheaper than contextlib.suppress on every call)
+            try:
                 _principal.reset(ticket.var)
+                if ticket.origin is not None:
+                    _origin.reset(ticket.origin)
             except ValueError:
                 # A stream finalised from another context (the loop's async-generator
                 # hook): that context is not the call's, and the call's is gone.
@@ -447,6 +515,17 @@ async def _deny(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messag
     """
     await context.abort(code, message)
     raise AssertionError("unreachable: abort() raises")  # pragma: no cover
+
+
+def _forwarded(context: grpc.aio.ServicerContext) -> tuple[str, str] | None:
+    """The principal name and original peer a forwarded call names; None if not forwarded."""
+    name = peer = None
+    for key, value in context.invocation_metadata() or ():
+        if key == FORWARDED_FOR_KEY:
+            name = str(value)
+        elif key == FORWARDED_PEER_KEY:
+            peer = str(value)
+    return None if name is None else (name, peer or "")
 
 
 async def _identify(policy: AuthPolicy, context: grpc.aio.ServicerContext) -> Principal:

@@ -111,6 +111,10 @@ class AuthPolicy:
     def principals(self) -> tuple[Principal, ...]:
         return tuple(e.principal for e in self.entries)
 
+    def principal_named(self, name: str) -> Principal | None:
+        """The principal called ``name`` (of a call a replica forwarded), or None."""
+        return next((e.principal for e in self.entries if e.principal.name == name), None)
+
     @classmethod
     def load(cls, path: str | Path) -> AuthPolicy:
         """Read and parse a policy file. Blocking: run it off the event loop once serving.

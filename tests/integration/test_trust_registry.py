@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.empty_pb2 import Empty
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -181,6 +182,7 @@ class Matrix:
             "Resolve": lambda: pb.ResolveRequest(source="matrix"),
             "Watch": lambda: pb.WatchRequest(),
             "Release": lambda: pb.ReleaseRequest(name="nobody-owns-this"),
+            "GetStatus": Empty,
         }
         assert method in requests, f"a new RPC {method}: give it a request in this matrix"
         return requests[method]()

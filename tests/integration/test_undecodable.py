@@ -107,6 +107,10 @@ def _params() -> list[Any]:
     for method in METHODS:
         for case, craft in CASES.items():
             raw = craft(method.input_type)
+            # protobuf (upb) reads a zero tag as the end of a message with no fields at
+            # all (Empty, GetStatus's request): there is nothing such bytes could set.
+            if case == "field-number-0" and not method.input_type.fields:
+                continue
             if raw is not None:
                 params.append(pytest.param(method, raw, id=f"{method.name}-{case}"))
     return params
