@@ -8,7 +8,9 @@ The cache follows one Watch stream: a snapshot, then one message per change. A
 revision the registry split over several messages is applied once all of them arrived
 (:mod:`ingestor.revisions`), so no view ever holds part of one. When the stream breaks
 it reconnects with exponential backoff and jitter and resumes from the last revision
-it applied; meanwhile it keeps serving the last view it had.
+it applied; meanwhile it keeps serving the last view it had. Given several replicas
+of one registry (``"a:1,b:2"`` or a list), each reconnect tries the next one: every
+replica has the same history, so the resume misses nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ingestor import _loop
@@ -29,7 +31,7 @@ from ingestor._closing import Closing
 from ingestor.errors import PluginConnectionError, PluginError
 from ingestor.revisions import DEFAULT_MAX_PLUGIN_BYTES, Revision, RevisionAssembler
 from ingestor.view import Endpoint, ResolverView
-from registry.client import RegistryClient
+from registry.client import RegistryClient, parse_addresses
 from registry.errors import RegistryError
 from registry.trust.tls import TlsFiles
 from registry.wire import pb
@@ -102,6 +104,14 @@ class RegistryResolver(Closing):
     ``async with``); that loop must keep running while the resolver is in use. Views
     are immutable and swapped atomically, so resolution never blocks on the stream.
 
+    ``registry_address``: ``host:port``, or the replicas of one registry as ``"a,b,c"``
+    or a sequence; a Watch runs on one of them at a time, and each reconnect starts at
+    the next one after the one that broke. With several, a replica that sends nothing
+    within ``connect_timeout`` of being asked (a hung one) is left for the next.
+    ``idle_timeout`` (seconds; None, the default, for never) drops a stream silent that
+    long, not even a progress message, and reconnects; set it above the registry's
+    progress interval.
+
     ``max_staleness`` (seconds): when set, resolving from a view not confirmed for
     longer (no message, not even an idle progress message, from a live stream) raises
     PluginConnectionError. Set it above the registry's progress interval (5 s by
@@ -127,7 +137,7 @@ class RegistryResolver(Closing):
 
     def __init__(
         self,
-        registry_address: str,
+        registry_address: str | Sequence[str],
         *,
         max_staleness: float | None = None,
         connect_timeout: float = 5.0,
@@ -137,15 +147,20 @@ class RegistryResolver(Closing):
         token: str | None = None,
         tls: TlsFiles | None = None,
         max_plugin_bytes: int = DEFAULT_MAX_PLUGIN_BYTES,
+        idle_timeout: float | None = None,
     ) -> None:
         if max_staleness is not None and max_staleness <= 0:
             raise ValueError(f"max_staleness: {max_staleness!r} must be positive")
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ValueError(f"idle_timeout: {idle_timeout!r} must be positive")
         if connect_timeout <= 0:
             raise ValueError(f"connect_timeout: {connect_timeout!r} must be positive")
         if not 0 < backoff_initial <= backoff_max:
             raise ValueError("backoff_initial and backoff_max: need 0 < initial <= max")
         self._assembler = RevisionAssembler(max_plugin_bytes)
-        self.address = registry_address
+        self.addresses = parse_addresses(registry_address)
+        self.address = ",".join(self.addresses)
+        self.idle_timeout = idle_timeout
         self.max_staleness = max_staleness
         self.connect_timeout = connect_timeout
         self.sources = tuple(sources)
@@ -153,7 +168,9 @@ class RegistryResolver(Closing):
         self.backoff_max = backoff_max
         self._token = token
         self._tls = tls
-        self._client()  # refuses a token in clear or unusable TLS files now, not in the loop
+        # Refuses a token in clear (to any of them) or unusable TLS files now, not in the loop.
+        RegistryClient(self.addresses, token=token, tls=tls)
+        self._next = 0  # the index of the address the next Watch goes to
         self._lock = threading.Lock()
         self._state = _State.UNOPENED
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -449,52 +466,66 @@ class RegistryResolver(Closing):
     async def _follow(self) -> None:
         """Follow Watch until cancelled: resume after every break, back off between tries."""
         attempt = 0
+        several = len(self.addresses) > 1
         while True:
+            address = self.addresses[self._next]
             client: RegistryClient | None = None
             self._assembler.reset()  # a revision half received comes again on resume
             try:
-                client = self._client()  # TLS files read again: a renewed certificate is used
-                async for message in client.watch(
-                    since_revision=self.revision, sources=self.sources
-                ):
-                    if not self._connected:
-                        self._connected = True
-                        attempt = 0
-                        log.info(
-                            "watching registry %s from revision %d", self.address, self.revision
-                        )
-                    self._on_message(message)
-                self._broke("the stream ended")
+                client = self._client(address)  # TLS files read again: a renewed certificate
+                # Several replicas: one that says nothing is left for the next (a hung one).
+                async with asyncio.timeout(self.connect_timeout if several else None) as silence:
+                    async for message in client.watch(
+                        since_revision=self.revision, sources=self.sources
+                    ):
+                        if not self._connected:
+                            self._connected = True
+                            attempt = 0
+                            log.info(
+                                "watching registry %s from revision %d", address, self.revision
+                            )
+                        silence.reschedule(self._idle_deadline())
+                        self._on_message(message)
+                self._broke(address, "the stream ended")
+            except TimeoutError:
+                bound = self.idle_timeout if self._connected else self.connect_timeout
+                self._broke(address, f"it sent nothing for {bound:g} s")
             except RegistryError as exc:
-                self._broke(str(exc))
+                self._broke(address, str(exc))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.exception("registry resolver failed; retrying")
-                self._broke(repr(exc))
+                self._broke(address, repr(exc))
             finally:
                 self._connected = False
                 if client is not None:
                     await client.close()
+            self._next = (self._next + 1) % len(self.addresses)
             ceiling = min(self.backoff_max, self.backoff_initial * 2 ** min(attempt, 32))
             attempt += 1
             await asyncio.sleep(random.uniform(ceiling / 2, ceiling))
 
-    def _client(self) -> RegistryClient:
-        # A fresh client per attempt: a new channel dials at once, without gRPC's backoff.
-        return RegistryClient(self.address, token=self._token, tls=self._tls)
+    def _idle_deadline(self) -> float | None:
+        if self.idle_timeout is None:
+            return None
+        return asyncio.get_running_loop().time() + self.idle_timeout
 
-    def _broke(self, reason: str) -> None:
+    def _client(self, address: str) -> RegistryClient:
+        # A fresh client per attempt: a new channel dials at once, without gRPC's backoff.
+        return RegistryClient(address, token=self._token, tls=self._tls)
+
+    def _broke(self, address: str, reason: str) -> None:
         if self._connected:
             log.warning(
                 "lost registry %s (%s); serving the view of revision %d",
-                self.address,
+                address,
                 reason,
                 self.revision,
             )
         else:
-            log.debug("registry %s unreachable: %s", self.address, reason)
-        self._last_error = reason
+            log.debug("registry %s unreachable: %s", address, reason)
+        self._last_error = f"{address}: {reason}" if len(self.addresses) > 1 else reason
 
     def _on_message(self, message: pb.WatchResponse) -> None:
         self._confirmed_at = time.monotonic()

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from registry import render
-from registry.client import DEFAULT_REGISTRY, RegistryClient
+from registry.client import DEFAULT_REGISTRY, RegistryClient, parse_addresses
 from registry.durations import format_duration, parse_duration
-from registry.errors import RegistryError
+from registry.errors import RegistryError, RegistryUnavailable
 from registry.settings import RegistrySettings, default_database_url
 from registry.trust.tls import TlsFiles
 from registry.wire import pb
@@ -218,6 +218,7 @@ SETTINGS_OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("--max-message-bytes", count, "largest request accepted"),
     ("--max-plugins", count, "registrations held at most"),
     ("--max-bytes-per-plugin", count, "largest encoded registration"),
+    ("--leader-lease", duration, "PostgreSQL replicas: how long a leader holds its lease"),
 )
 
 
@@ -246,7 +247,7 @@ def build_parser() -> _Parser:
             metavar="ADDR",
             env=ENV_PREFIX,
             default=DEFAULT_REGISTRY,
-            help="host:port, or https://host:port for TLS",
+            help="host:port, or https://host:port for TLS; replicas as a,b,c",
         )
         sub.option("--timeout", type=duration, default=5.0, help="deadline of each call")
         sub.option("--token", metavar="TOKEN", help="bearer token (never sent in clear off-host)")
@@ -263,6 +264,7 @@ def build_parser() -> _Parser:
     db_option(serve)
     serve.option("--log-level", choices=LOG_LEVELS, type=str.lower, default="info", help="")
     trust_options(serve)
+    replica_options(serve)
 
     db_option(command("migrate", _migrate, "bring a database to the current schema"))
 
@@ -301,6 +303,8 @@ def build_parser() -> _Parser:
     release.add_argument("name", metavar="NAME")
     client_options(release, output=False)
 
+    client_options(command("status", _status, "show the registry's replicas and their lag"))
+
     token = command("token", _token, "make bearer tokens for the auth policy")
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     new = token_commands.add_parser(
@@ -309,6 +313,21 @@ def build_parser() -> _Parser:
     new.set_defaults(parser=new)
     new.add_argument("--principal", required=True, help="the principal's name in the policy")
     return parser
+
+
+def replica_options(serve: _Parser) -> None:
+    """serve's options of SPEC §8: how replicas on one PostgreSQL reach each other."""
+    serve.option(
+        "--advertise",
+        metavar="HOST:PORT",
+        shown="default the listen address with the port bound",
+        help="where other replicas and clients reach this one",
+    )
+    serve.option(
+        "--cluster-token",
+        metavar="TOKEN",
+        help="shared by every replica; required with --auth-policy on PostgreSQL",
+    )
 
 
 def trust_options(serve: _Parser) -> None:
@@ -405,6 +424,8 @@ def _serve_settings(args: argparse.Namespace) -> RegistrySettings:
             plugin_tls=_tls(args.plugin_tls_ca, args.plugin_tls_cert, args.plugin_tls_key),
             allow_addresses=allow,
             allow_unix_dirs=tuple(args.allow_unix_dir or ()),
+            advertise=args.advertise,
+            cluster_token=args.cluster_token,
             **options,
             **limits,
         )
@@ -452,15 +473,21 @@ async def _serve(args: argparse.Namespace) -> None:
 
 async def _migrate(args: argparse.Namespace) -> None:
     from registry.migrate import upgrade
+    from registry.replica.lock import DatabaseLock, lock_for
     from registry.store import SqlStore
 
     url = _database_url(args)
     # Only the embedded default's folder is ours to create (SPEC §7).
     store = SqlStore.open(url, create_folder=url == default_database_url())
+    lock: DatabaseLock | None = None
     try:
+        # A live registry's database is never migrated under it (SPEC §8).
+        lock = lock_for(url)
         await upgrade(store.engine)
     finally:
         await store.close()
+        if lock is not None:
+            lock.release()
     print(f"database {store.engine.url.render_as_string(hide_password=True)} at revision head")
 
 
@@ -511,12 +538,27 @@ async def _watch(args: argparse.Namespace) -> None:
 
 
 async def _follow(args: argparse.Namespace) -> None:
-    async with _client(args) as client:
+    _client(args)  # refuses a token in clear to any of the addresses before dialing one
+    addresses = _addresses(args)
+    for number, address in enumerate(addresses, 1):
+        if await _follow_one(args, address, last=number == len(addresses)):
+            return
+
+
+async def _follow_one(args: argparse.Namespace, address: str, *, last: bool) -> bool:
+    """Watch on one address until the stream ends (True).
+
+    False: it failed before its first message and the next address may be tried.
+    Once a stream has shown something, its failure is the command's.
+    """
+    async with _client(args, address) as client:
+        seen = False
         try:
             # The first message (the snapshot) must come within --timeout; later ones whenever.
             async with asyncio.timeout(args.timeout) as first:
                 async for message in client.watch(sources=args.source or ()):
                     first.reschedule(None)
+                    seen = True
                     lines = (
                         [render.watch_json(message)]
                         if args.output == "json"
@@ -525,10 +567,16 @@ async def _follow(args: argparse.Namespace) -> None:
                     for line in lines:
                         print(line, flush=True)
         except TimeoutError:
+            if not last:
+                return False
             raise CliError(
-                f"the registry at {args.registry} sent nothing within "
-                f"{format_duration(args.timeout)}"
+                f"the registry at {address} sent nothing within {format_duration(args.timeout)}"
             ) from None
+        except RegistryUnavailable:
+            if seen or last:
+                raise
+            return False
+    return True
 
 
 async def _release(args: argparse.Namespace) -> None:
@@ -540,6 +588,12 @@ async def _release(args: argparse.Namespace) -> None:
     claims = [*response.sources, *response.emitter_names]
     freed = f" and {', '.join(claims)}" if claims else ""
     print(f"released {args.name}{freed} (owned by {response.principal})")
+
+
+async def _status(args: argparse.Namespace) -> None:
+    async with _client(args) as client:
+        status = await client.get_status()
+    print(render.status_json(status) if args.output == "json" else render.status_table(status))
 
 
 async def _token(args: argparse.Namespace) -> None:
@@ -558,11 +612,19 @@ async def _token(args: argparse.Namespace) -> None:
 # -- plumbing -----------------------------------------------------------------------------
 
 
-def _client(args: argparse.Namespace) -> RegistryClient:
+def _addresses(args: argparse.Namespace) -> tuple[str, ...]:
+    try:
+        return parse_addresses(args.registry)
+    except RegistryError as exc:
+        raise CliError(f"--registry: {exc}") from exc
+
+
+def _client(args: argparse.Namespace, address: str | None = None) -> RegistryClient:
+    """A client of ``address``, else of every address of ``--registry``."""
     if args.timeout <= 0:
         raise CliError(f"--timeout: {args.timeout!r} must be more than 0")
     return RegistryClient(
-        args.registry,
+        address or _addresses(args),
         timeout=args.timeout,
         token=args.token or None,
         tls=_tls(args.tls_ca, args.tls_cert, args.tls_key),

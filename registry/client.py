@@ -7,10 +7,14 @@
     async with RegistryClient("https://registry.internal:50051", token=token) as client:
         ...
 
+    async with RegistryClient("10.0.0.1:50051,10.0.0.2:50051", tls=files) as client:
+        ...  # the replicas of one registry (SPEC §8): calls fail over between them
+
 Addresses: ``host:port``, ``[v6]:port`` and ``http://host:port`` are plaintext unless
 ``tls`` is given; ``https://host:port`` is TLS (the system roots unless ``tls.ca``);
-``unix:/path`` is a local socket. A bearer ``token`` goes with every call, also those
-made through :attr:`RegistryClient.stub`, and is never sent in clear off the host.
+``unix:/path`` is a local socket. Several addresses (a comma-separated string, or a
+sequence) are replicas of one registry. A bearer ``token`` goes with every call, also
+those made through :attr:`RegistryClient.stub`, and is never sent in clear off the host.
 
 Status codes come back as the :mod:`registry.errors` tree. Thread rules: a client
 belongs to the event loop it was first used on.
@@ -18,13 +22,16 @@ belongs to the event loop it was first used on.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import ipaddress
-from collections.abc import AsyncIterator, Iterable, Mapping
+import random
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, cast
 
 import grpc
+from google.protobuf.empty_pb2 import Empty
 
 from registry.errors import (
     AlreadyExists,
@@ -41,6 +48,33 @@ from registry.wire import pb, pb_grpc
 
 DEFAULT_REGISTRY = "127.0.0.1:50051"
 AUTHORIZATION = "authorization"
+
+# Calls that may be sent again to another replica when one attempt timed out: they
+# change nothing (Heartbeat only renews a lease, which a second renewal does again).
+RETRYABLE_ON_TIMEOUT = frozenset({"ListPlugins", "GetPlugin", "Resolve", "GetStatus", "Heartbeat"})
+# Fail-over pauses between attempts: jittered, from FAILOVER_BACKOFF to FAILOVER_BACKOFF_MAX.
+FAILOVER_BACKOFF = 0.05
+FAILOVER_BACKOFF_MAX = 1.0
+# A read attempt gets its share of the time left, but never less than this.
+MIN_ATTEMPT = 0.1
+# A channel to a replica that went away redials within this (gRPC's default: up to 120 s).
+_RECONNECT_OPTIONS = (("grpc.max_reconnect_backoff_ms", 1000),)
+
+
+def parse_addresses(address: str | Sequence[str]) -> tuple[str, ...]:
+    """The registry addresses in ``address``: a comma-separated string or a sequence.
+
+    Blanks are stripped and repeats dropped, the order kept. Items of a sequence are
+    taken whole (a gRPC target that itself holds commas can go that way).
+
+    Raises:
+        RegistryError: no address at all.
+    """
+    items = address.split(",") if isinstance(address, str) else list(address)
+    addresses = tuple(dict.fromkeys(item.strip() for item in items if item.strip()))
+    if not addresses:
+        raise RegistryError("registry address: none given; give host:port (or several, a,b,c)")
+    return addresses
 
 
 def dial_target(address: str) -> tuple[str, bool]:
@@ -200,75 +234,141 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
-class RegistryClient:
-    """A connection to one registry. Refuses use after :meth:`close`.
+class _Replica:
+    """One address of the registry: its dial target and, once used, its channel and stub."""
 
-    ``token``: a bearer token sent as ``authorization`` metadata on every call (also
-    through :attr:`stub`). ``tls``: the CA bundle to verify the registry with and, for
-    mTLS, this client's certificate and key; given, the channel is TLS whatever the
-    address form. Files are read here, once; construction never connects.
+    __slots__ = ("address", "channel", "credentials", "stub", "target")
+
+    def __init__(
+        self, address: str, target: str, credentials: grpc.ChannelCredentials | None
+    ) -> None:
+        self.address = address
+        self.target = target
+        self.credentials = credentials
+        self.channel: grpc.aio.Channel | None = None
+        self.stub: pb_grpc.PluginRegistryStub | None = None
+
+
+class RegistryClient:
+    """A connection to one registry, through one or several of its replicas.
+
+    ``address``: ``host:port`` (see the module docstring for the forms), or several
+    replicas of one registry as ``"a:1,b:2"`` or a sequence. ``token``: a bearer token
+    sent as ``authorization`` metadata on every call (also through :attr:`stub`).
+    ``tls``: the CA bundle to verify the registry with and, for mTLS, this client's
+    certificate and key; given, every channel is TLS whatever the address form. Files
+    are read here, once; construction never connects. Refuses use after :meth:`close`.
+
+    With one address a call is one attempt with ``timeout`` seconds, and fails at once.
+    With several, each call fails over until its ``timeout`` is spent: an attempt that
+    ends ``UNAVAILABLE`` (connection refused or reset, or a replica that knows no leader
+    yet) is made again on the next address, round robin, after a short jittered pause
+    (50 ms growing to 1 s). Reads (ListPlugins, GetPlugin, Resolve, GetStatus) and
+    Heartbeat give each attempt a share of the time left (divided by the replicas this
+    call has not tried yet, at least 0.1 s) and move on from one that timed out (a hung
+    replica), so the first replica tried of two must answer within half of ``timeout``.
+    Register, Unregister and Release give each attempt all the time left and are never
+    sent again after a timeout: the write may have happened, so the call fails with
+    RegistryUnavailable and the caller decides. An ``UNAVAILABLE`` write is sent again:
+    a refused connection or a replica without a leader committed nothing, and a
+    connection lost mid-call at worst repeats a write that is safe to repeat (Register
+    on the same name and address replaces the instance; the other two are idempotent).
+    Every call starts at the address that last answered; a failed attempt moves that
+    start on, so a caller's own retry goes to the next replica.
 
     Raises (constructor):
-        RegistryError: a token over a plaintext channel to anything but loopback or a
-            unix socket, a malformed token, or unusable TLS files (names the file).
+        RegistryError: no address, a token over a plaintext channel to anything but
+            loopback or a unix socket (names the address), a malformed token, or
+            unusable TLS files (names the file).
     """
 
     def __init__(
         self,
-        address: str = DEFAULT_REGISTRY,
+        address: str | Sequence[str] = DEFAULT_REGISTRY,
         *,
         timeout: float = 5.0,
         channel_options: Iterable[tuple[str, int | str]] = (),
         token: str | None = None,
         tls: TlsFiles | None = None,
     ) -> None:
-        target, https = dial_target(address)
-        secure = https or tls is not None
+        addresses = parse_addresses(address)
+        targets = [(one, *dial_target(one)) for one in addresses]
         if token is not None:
             _check_token(token)
-            if not secure and not is_loopback_target(target):
-                raise RegistryError(
-                    f"refusing to send a token in clear to {address}: "
-                    "use https:// or TLS (--tls-ca, or tls= in code)"
-                )
+            for one, target, https in targets:
+                if not (https or tls is not None) and not is_loopback_target(target):
+                    raise RegistryError(
+                        f"refusing to send a token in clear to {one}: "
+                        "use https:// or TLS (--tls-ca, or tls= in code)"
+                    )
         try:
-            credentials = channel_credentials(tls) if secure else None
+            credentials = (
+                channel_credentials(tls)
+                if tls is not None or any(https for _, _, https in targets)
+                else None
+            )
         except ValueError as exc:
             raise RegistryError(str(exc)) from exc
-        self.address = address
+        self.addresses: tuple[str, ...] = addresses
+        self.address = ",".join(addresses)
         self.timeout = timeout
-        self._target = target
-        self._credentials = credentials
+        self._replicas = tuple(
+            _Replica(one, target, credentials if https or tls is not None else None)
+            for one, target, https in targets
+        )
+        self._current = 0
         self._interceptors = _bearer_interceptors(token) if token is not None else []
-        self._options = list(channel_options)
+        options = list(channel_options)
+        if len(addresses) > 1:
+            given = {name for name, _ in options}
+            options += [option for option in _RECONNECT_OPTIONS if option[0] not in given]
+        self._options = options
         self._state = _State.UNOPENED
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: pb_grpc.PluginRegistryStub | None = None
 
     @property
     def secure(self) -> bool:
-        """Whether the channel is TLS."""
-        return self._credentials is not None
+        """Whether the channels are TLS (every one of them, with several addresses)."""
+        return all(replica.credentials is not None for replica in self._replicas)
+
+    @property
+    def current_address(self) -> str:
+        """The address the next call tries first: the one that last answered."""
+        return self._replicas[self._current].address
+
+    # The current replica's target and channel, where a one-address client kept its own.
+    @property
+    def _target(self) -> str:
+        return self._replicas[self._current].target
+
+    @property
+    def _channel(self) -> grpc.aio.Channel | None:
+        return self._replicas[self._current].channel
 
     @property
     def stub(self) -> pb_grpc.PluginRegistryStub:
-        """The generated stub, for calls this client does not wrap (they carry the token)."""
+        """The generated stub of :attr:`current_address` (it adds the token; no fail-over)."""
+        return self._stub(self._replicas[self._current])
+
+    def _stub(self, replica: _Replica) -> pb_grpc.PluginRegistryStub:
         if self._state is _State.CLOSED:
             raise RegistryError("the registry client is closed")
-        if self._stub is None:
-            self._channel = self._open()
-            self._stub = pb_grpc.PluginRegistryStub(self._channel)
+        if replica.stub is None:
+            replica.channel = self._open(replica)
+            replica.stub = pb_grpc.PluginRegistryStub(replica.channel)
             self._state = _State.OPEN
-        return self._stub
+        return replica.stub
 
-    def _open(self) -> grpc.aio.Channel:
+    def _open(self, replica: _Replica) -> grpc.aio.Channel:
         interceptors = self._interceptors or None
-        if self._credentials is not None:
+        if replica.credentials is not None:
             return grpc.aio.secure_channel(
-                self._target, self._credentials, options=self._options, interceptors=interceptors
+                replica.target,
+                replica.credentials,
+                options=self._options,
+                interceptors=interceptors,
             )
         return grpc.aio.insecure_channel(
-            self._target, options=self._options, interceptors=interceptors
+            replica.target, options=self._options, interceptors=interceptors
         )
 
     def __repr__(self) -> str:
@@ -279,11 +379,12 @@ class RegistryClient:
         )
 
     async def close(self) -> None:
-        """Close the channel. Idempotent."""
+        """Close every channel. Idempotent."""
         self._state = _State.CLOSED
-        channel, self._channel, self._stub = self._channel, None, None
-        if channel is not None:
-            await channel.close()
+        for replica in self._replicas:
+            channel, replica.channel, replica.stub = replica.channel, None, None
+            if channel is not None:
+                await channel.close()
 
     async def __aenter__(self) -> RegistryClient:
         return self
@@ -309,6 +410,10 @@ class RegistryClient:
 
         ``lease_ttl_seconds=0`` takes the server's default; ``no_lease=True`` registers
         on a plugin's behalf (an operator): no heartbeats, health checks alone.
+
+        Raises:
+            RegistryUnavailable: no replica answered, or one timed out (the instance
+                may then be registered: see the class docstring).
         """
         request = pb.RegisterRequest(
             info=info,
@@ -317,24 +422,24 @@ class RegistryClient:
             labels=labels,
             no_lease=no_lease,
         )
-        response: pb.RegisterResponse = await self._call(self.stub.Register, request)
+        response: pb.RegisterResponse = await self._call("Register", request)
         return response
 
     async def heartbeat(self, plugin_id: str) -> bool:
         """Renew a lease; False means the registry no longer knows the id: register again."""
         response: pb.HeartbeatResponse = await self._call(
-            self.stub.Heartbeat, pb.HeartbeatRequest(plugin_id=plugin_id)
+            "Heartbeat", pb.HeartbeatRequest(plugin_id=plugin_id)
         )
         return response.acknowledged
 
     async def unregister(self, plugin_id: str) -> None:
         """Remove a plugin; succeeds for ids already gone."""
-        await self._call(self.stub.Unregister, pb.UnregisterRequest(plugin_id=plugin_id))
+        await self._call("Unregister", pb.UnregisterRequest(plugin_id=plugin_id))
 
     async def get_plugin(self, plugin_id: str) -> pb.RegisteredPlugin:
         """One plugin. Raises NotFound for an unknown id."""
         plugin: pb.RegisteredPlugin = await self._call(
-            self.stub.GetPlugin, pb.GetPluginRequest(plugin_id=plugin_id)
+            "GetPlugin", pb.GetPluginRequest(plugin_id=plugin_id)
         )
         return plugin
 
@@ -357,7 +462,7 @@ class RegistryClient:
         )
         plugins: list[pb.RegisteredPlugin] = []
         while True:
-            response: pb.ListPluginsResponse = await self._call(self.stub.ListPlugins, request)
+            response: pb.ListPluginsResponse = await self._call("ListPlugins", request)
             plugins.extend(response.plugins)
             if not response.next_page_token:
                 return plugins
@@ -370,7 +475,7 @@ class RegistryClient:
             if emitter_name
             else pb.ResolveRequest(source=source)
         )
-        response: pb.ResolveResponse = await self._call(self.stub.Resolve, request)
+        response: pb.ResolveResponse = await self._call("Resolve", request)
         return response
 
     async def release(self, name: str) -> pb.ReleaseResponse:
@@ -378,19 +483,31 @@ class RegistryClient:
 
         ``released`` is False when nobody owned the name.
         """
-        response: pb.ReleaseResponse = await self._call(
-            self.stub.Release, pb.ReleaseRequest(name=name)
-        )
+        response: pb.ReleaseResponse = await self._call("Release", pb.ReleaseRequest(name=name))
         return response
+
+    async def get_status(self) -> pb.RegistryStatus:
+        """The registry's replicas as the one that answers sees them (SPEC §8).
+
+        A single SQLite registry answers one replica, the leader, backend ``sqlite``.
+        """
+        status: pb.RegistryStatus = await self._call("GetStatus", Empty())
+        return status
 
     async def watch(
         self, *, since_revision: int = 0, sources: Iterable[str] = ()
     ) -> AsyncIterator[pb.WatchResponse]:
         """Changes as they happen: a snapshot (unless resuming), then one message a change.
 
+        The stream is opened on :attr:`current_address` and does not fail over by
+        itself; when it ends ``UNAVAILABLE`` the current address moves on, so the next
+        ``watch()`` (from the last revision seen: every replica has the same history)
+        tries the next replica.
+
         Raises:
             RegistryError: the stream broke; resume with the last revision seen.
         """
+        index = self._current
         call = self.stub.Watch(
             pb.WatchRequest(since_revision=since_revision, sources=list(sources))
         )
@@ -398,12 +515,73 @@ class RegistryClient:
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from exc
+            if len(self._replicas) == 1:
+                raise error_from_rpc(exc) from exc
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self._move_on(index)
+            raise self._error_at(index, exc) from exc
         finally:
             call.cancel()
 
-    async def _call(self, method: Any, request: Any) -> Any:
-        try:
-            return await method(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from exc
+    async def _call(self, name: str, request: Any) -> Any:
+        if len(self._replicas) == 1:
+            method = getattr(self.stub, name)
+            try:
+                return await method(request, timeout=self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise error_from_rpc(exc) from exc
+        return await self._fail_over(name, request)
+
+    async def _fail_over(self, name: str, request: Any) -> Any:
+        """One call over the replicas, until one answers or ``timeout`` is spent."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        read = name in RETRYABLE_ON_TIMEOUT
+        pauses = _pauses()
+        tried: list[str] = []
+        while True:
+            index = self._current
+            replica = self._replicas[index]
+            left = deadline - loop.time()
+            if read:  # the time left, shared by the replicas this call has not tried yet
+                untried = len(self._replicas) - len(set(tried)) or len(self._replicas)
+                left = min(left, max(left / untried, MIN_ATTEMPT))
+            try:
+                return await getattr(self._stub(replica), name)(request, timeout=left)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise error_from_rpc(exc) from exc  # an answer: this replica stays current
+                self._move_on(index)
+                tried.append(replica.address)
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and not read:
+                    raise RegistryUnavailable(
+                        f"registry unavailable: {replica.address} did not answer {name} "
+                        f"within {self.timeout:g}s; not sent again, it may have happened"
+                    ) from exc
+                pause = next(pauses)
+                if deadline - loop.time() <= pause:
+                    raise RegistryUnavailable(
+                        f"registry unavailable: no replica answered within {self.timeout:g}s "
+                        f"(tried {', '.join(dict.fromkeys(tried))}); last, {replica.address}: "
+                        f"{code.name}: {exc.details() or ''}"
+                    ) from exc
+                await asyncio.sleep(pause)
+
+    def _move_on(self, index: int) -> None:
+        # Only from the address that failed: a concurrent call may have moved on already.
+        if self._current == index:
+            self._current = (index + 1) % len(self._replicas)
+
+    def _error_at(self, index: int, exc: grpc.aio.AioRpcError) -> RegistryError:
+        error = error_from_rpc(exc)
+        if isinstance(error, RegistryUnavailable):
+            return RegistryUnavailable(f"{error} (at {self._replicas[index].address})")
+        return error
+
+
+def _pauses() -> Iterator[float]:
+    pause = FAILOVER_BACKOFF
+    while True:
+        yield random.uniform(pause / 2, pause)
+        pause = min(FAILOVER_BACKOFF_MAX, pause * 2)

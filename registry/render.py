@@ -1,4 +1,4 @@
-"""How the command line shows plugins: tables and details for people, JSON for programs.
+"""How the command line shows plugins and replicas: tables for people, JSON for programs.
 
 JSON is the protobuf JSON mapping with the proto field names (``plugin_id``, ``info``)
 and every field present, so ``status`` always reads e.g. ``"PLUGIN_STATUS_HEALTHY"``.
@@ -29,6 +29,7 @@ TABLE_COLUMNS = (
     "LAST ERROR",
 )
 EMPTY_TABLE = "No plugins registered."
+STATUS_COLUMNS = ("ADDRESS", "ROLE", "EPOCH", "APPLIED", "LAG", "UP")
 ERROR_WIDTH = 40
 
 
@@ -51,6 +52,11 @@ def plugin_json(plugin: pb.RegisteredPlugin) -> str:
 def watch_json(message: pb.WatchResponse) -> str:
     """One watch message as one compact line (JSON Lines)."""
     return json.dumps(to_json(message), separators=(",", ":"))
+
+
+def status_json(status: pb.RegistryStatus) -> str:
+    """The registry's status (``GetStatus``), indented for reading."""
+    return json.dumps(to_json(status), indent=2)
 
 
 def type_name(value: int) -> str:
@@ -100,6 +106,41 @@ def plugins_table(plugins: Sequence[pb.RegisteredPlugin], *, now: datetime | Non
         for p in plugins
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def role_name(value: int) -> str:
+    """``leader``/``follower`` for a ``ReplicaRole`` number; ``-`` when unspecified."""
+    if value == pb.REPLICA_ROLE_UNSPECIFIED:
+        return "-"
+    return _enum_name(pb.ReplicaRole, "REPLICA_ROLE_", value)
+
+
+def status_table(status: pb.RegistryStatus) -> str:
+    """A header line (leader, epoch, head revision, backend), then a row per replica."""
+    backend = status.backend or "-"
+    header = (
+        f"leader {status.leader or '-'} epoch {status.epoch} revision {status.revision} ({backend})"
+    )
+    rows = [STATUS_COLUMNS] + [
+        (
+            r.address or "-",
+            role_name(r.role),
+            str(r.epoch),
+            str(r.applied_revision),
+            str(r.lag),
+            "yes" if r.up else "no",
+        )
+        for r in status.replicas
+    ]
+    return "\n".join([header, _align(rows)])
+
+
+def _align(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows

@@ -19,14 +19,14 @@ import enum
 import logging
 import random
 import socket
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from registry.client import DEFAULT_REGISTRY, RegistryClient, dial_target
+from registry.client import DEFAULT_REGISTRY, RegistryClient, dial_target, parse_addresses
 from registry.errors import InvalidArgument, RegistryError, RegistryUnavailable
 from registry.lifecycle import AsyncService
 from registry.sdk.handlers import (
@@ -134,6 +134,10 @@ class PluginHost(AsyncService):
     ``advertise`` gives the one others must dial (containers, NAT). A wildcard listen
     host (``0.0.0.0``, ``[::]``) advertises the local address that routes to the registry.
 
+    ``registry``: its address, or the replicas of one registry (``"a:1,b:2"`` or a
+    sequence); registration and heartbeats fail over between them. A wildcard listen
+    host advertises the local address that routes to the first.
+
     ``token`` (a bearer token) and ``tls`` (the TLS files to reach the registry with,
     not this plugin's own server) go to its :class:`~registry.client.RegistryClient`.
 
@@ -145,8 +149,9 @@ class PluginHost(AsyncService):
     Raises (on construction, before any I/O):
         ValueError: no handler, both an ingest and an emit handler, or a bad field.
         InvalidArgument: the registry would refuse this registration (names the field).
-        RegistryError: ``token``/``tls`` refused by RegistryClient (a token in clear to
-            a non-loopback registry, unusable TLS files).
+        RegistryError: no registry address, or ``token``/``tls`` refused by
+            RegistryClient (a token in clear to a non-loopback registry, unusable TLS
+            files).
     """
 
     def __init__(
@@ -158,7 +163,7 @@ class PluginHost(AsyncService):
         emit: EmitFn | None = None,
         health: HealthFn | None = None,
         shutdown: ShutdownFn | None = None,
-        registry: str = DEFAULT_REGISTRY,
+        registry: str | Sequence[str] = DEFAULT_REGISTRY,
         listen: str = "127.0.0.1:0",
         advertise: str | None = None,
         lease_ttl_seconds: int = 0,
@@ -180,7 +185,8 @@ class PluginHost(AsyncService):
         self._ingest, self._emit = ingest, emit
         self._health = health or getattr(plugin, "health", None)
         self._shutdown = shutdown or getattr(plugin, "shutdown", None)
-        self.registry = registry
+        self._registries = parse_addresses(registry)
+        self.registry = ",".join(self._registries)
         self.listen = listen
         self.grace = grace
         self._advertise = advertise
@@ -334,7 +340,7 @@ class PluginHost(AsyncService):
             return self.listen
         host = self.listen.rpartition(":")[0]
         if host in _WILDCARD_HOSTS:
-            host = await asyncio.to_thread(_route_host, self.registry)
+            host = await asyncio.to_thread(_route_host, self._registries[0])
         return f"{host}:{self.port}"
 
     def _set_plugin_id(self, plugin_id: str | None) -> None:
@@ -458,17 +464,22 @@ class PluginHost(AsyncService):
 
         A channel that failed to connect waits out gRPC's own reconnect backoff (up to
         two minutes); a new one dials at once, so a restarted registry is found on the
-        next attempt.
+        next attempt. With several replicas the new client starts where the old one
+        had moved on to, past the one that failed last.
         """
         if not isinstance(exc, RegistryUnavailable) or self._client is None:
             return
         old = self._client
-        self._client = self._new_client()
+        self._client = self._new_client(old.current_address)
         await old.close()
 
-    def _new_client(self) -> RegistryClient:
+    def _new_client(self, first: str | None = None) -> RegistryClient:
+        addresses = self._registries
+        if first is not None:
+            at = addresses.index(first)
+            addresses = addresses[at:] + addresses[:at]
         return RegistryClient(
-            self.registry, timeout=self._registry_timeout, token=self._token, tls=self._tls
+            addresses, timeout=self._registry_timeout, token=self._token, tls=self._tls
         )
 
     async def _unregister(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from registry.client import DEFAULT_REGISTRY
@@ -27,7 +27,7 @@ def run_plugin(
     emit: EmitFn | None = None,
     health: HealthFn | None = None,
     shutdown: ShutdownFn | None = None,
-    registry: str | None = None,
+    registry: str | Sequence[str] | None = None,
     listen: str = "127.0.0.1:0",
     advertise: str | None = None,
     lease_ttl_seconds: int = 0,
@@ -40,7 +40,8 @@ def run_plugin(
     """Serve a plugin and keep it registered until SIGTERM or SIGINT; blocks until then.
 
     The arguments are :class:`PluginHost`'s (``options`` takes the rest of them);
-    ``registry=None`` reads ``POLKU_REGISTRY``, else ``127.0.0.1:50051``;
+    ``registry=None`` reads ``POLKU_REGISTRY`` (one address, or replicas as ``a,b,c``),
+    else ``127.0.0.1:50051``;
     ``token=None`` reads ``POLKU_REGISTRY_TOKEN`` (unset or empty: no token). On the
     first signal the plugin unregisters, then stops serving, letting calls in flight
     finish within ``grace`` seconds; a second signal acts as it would by default.

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.empty_pb2 import Empty
 import pytest
+from google.protobuf.empty_pb2 import Empty
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from trust_helpers import Canary, Pki, RebindingResolver, Who, write_policy
