@@ -45,7 +45,7 @@ from registry.trust.addresses import (
     parse_address,
     vet,
 )
-from registry.trust.auth import current_origin, current_principal
+from registry.trust.auth import FORWARDED_FOR_KEY, current_origin, current_principal
 from registry.validation import (
     check_plugin_id,
     check_plugin_name,
@@ -214,7 +214,14 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
     async def _forward(
         self, replication: Replication, method: str, request: Any, context: grpc.aio.ServicerContext
     ) -> Any:
-        """Have the leader answer ``request`` as the caller; answer once applied here."""
+        """Have the leader answer ``request`` as the caller; answer once applied here.
+
+        A call that was forwarded already is not sent on again: the replica that
+        forwarded it took this one for the leader, and chains must not form.
+        """
+        metadata = context.invocation_metadata() or ()
+        if any(key == FORWARDED_FOR_KEY for key, _ in metadata):
+            raise RegistryUnavailable("this replica is not the leader (any more); retry shortly")
         try:
             response, revision = await replication.link.forward(
                 method, request, current_principal(), context.peer()
@@ -225,10 +232,10 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
             log.warning("revision %d not applied here within %ss", revision, APPLIED_TIMEOUT)
         return response
 
-    def _name_revision(self, context: grpc.aio.ServicerContext) -> None:
+    def _name_revision(self, context: grpc.aio.ServicerContext, revision: int) -> None:
         """Leading among replicas: name the revision of a write, for the follower."""
-        if self._replication is not None:
-            context.set_trailing_metadata(((REVISION_KEY, str(self._state.catalog.revision)),))
+        if self._replication is not None and revision:
+            context.set_trailing_metadata(((REVISION_KEY, str(revision)),))
 
     @_status_mapped
     async def Register(
@@ -270,7 +277,7 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
             plugin.name,
             f"id={plugin.plugin_id} revision={plugin.revision}",
         )
-        self._name_revision(context)
+        self._name_revision(context, plugin.revision)
         ttl = registration.lease_ttl_seconds
         return pb.RegisterResponse(
             accepted=True,
@@ -307,10 +314,9 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
             answer: Empty = await self._forward(follower, "Unregister", request, context)
             return answer
         plugin = self._state.catalog.get(plugin_id)
-        await self._state.remove([plugin_id])
-        self._name_revision(context)
+        revision = await self._state.remove([plugin_id])
+        self._name_revision(context, revision)
         if plugin is not None:
-            revision = self._state.catalog.revision
             _audit(
                 context, principal, "unregister", plugin.name, f"id={plugin_id} revision={revision}"
             )

@@ -318,8 +318,10 @@ class RegistryState:
             self._touched(plugin, last_heartbeat_at=now)
         return plugin
 
-    async def remove(self, plugin_ids: list[str]) -> None:
+    async def remove(self, plugin_ids: list[str]) -> int:
         """Remove plugins (idempotent); durable when this returns.
+
+        Returns the revision of the removal, 0 when nothing was there to remove.
 
         Raises:
             RegistryUnavailable: the database cannot take writes now.
@@ -329,6 +331,7 @@ class RegistryState:
         if change is not None:
             journal.record(change)
         await journal.commit()
+        return change.revision if change is not None else 0
 
     def touch(self, plugin_id: str, **fields: object) -> None:
         """Change fields no watcher needs (last check, last error); persisted lazily."""

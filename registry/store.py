@@ -270,6 +270,11 @@ class SqlStore:
         """
         try:
             async with self.engine.connect() as conn:
+                if self.dialect == "postgresql":
+                    # One snapshot for every read: plugins, revision and ownership agree
+                    # though the leader commits meanwhile (a replica resynchronising).
+                    await conn.execution_options(isolation_level="REPEATABLE READ")
+                    await conn.begin()
                 rows = (await conn.execute(_LOAD_PLUGINS)).mappings().all()
                 revision = await conn.scalar(
                     select(RegistryMetaRow.revision).where(RegistryMetaRow.id == 1)

@@ -79,7 +79,7 @@ class Replication:
             poll_interval=poll_interval,
         )
         self.link = LeaderLink(
-            leader_address=lambda: self.election.leader_address,
+            leader_address=self._forward_to,
             cluster_token=cluster_token,
             credentials=credentials,
         )
@@ -90,6 +90,13 @@ class Replication:
     @property
     def leading(self) -> bool:
         return self.election.leading and self.state.leading
+
+    def _forward_to(self) -> str | None:
+        """The leader writes go to; None while this replica holds the lease itself
+        (taking over: writes wait for it, they are never sent to itself)."""
+        if self.election.lease is not None:
+            return None
+        return self.election.leader_address
 
     async def start(self) -> None:
         """Start following, and campaign once: a free lease is this replica's at once.
@@ -127,8 +134,9 @@ class Replication:
     async def _elected(self, lease: LeaderLease) -> None:
         self.pump.paused = True
         await self.pump.catch_up()
-        await self.state.lead()
+        # The fence before the write side: the first write after lead() is this epoch's.
         self.store.fence = lease
+        await self.state.lead()
         queued = self.link.take_heartbeats()
         for plugin_id in queued:
             self.state.heartbeat(plugin_id)

@@ -162,10 +162,12 @@ class ChangePump:
         """Apply every revision after the last one applied, page by page."""
         while True:
             applied = self._applied()
+            # The head first: every revision up to it is committed, so each one the log
+            # still holds is seen by the read that follows (a later commit is no gap).
+            head = await conn.fetchval(_HEAD, timeout=10.0) or 0
+            self.head = max(self.head, head)
             rows = await conn.fetch(_READ, applied, _PAGE, timeout=10.0)
             if not rows:
-                head = await conn.fetchval(_HEAD, timeout=10.0) or 0
-                self.head = max(self.head, head)
                 if head > applied:
                     # Committed revisions that the log no longer holds: start afresh.
                     log.warning("change log ends before revision %d: resynchronising", head)
