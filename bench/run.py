@@ -26,6 +26,7 @@ SUITES = [
     "bench.watch_bench",
     "bench.isolation_bench",
     "bench.scale_bench",
+    "bench.replica_bench",
 ]
 
 
