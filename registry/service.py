@@ -291,18 +291,37 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatResponse:
-        principal, plugin_id = self._instance(request.plugin_id)
-        renewed = self._state.heartbeat(plugin_id) is not None
         follower = self._follower()
         if follower is not None:
-            if not renewed:
-                # Not here (yet): the leader knows for sure.
-                answer: pb.HeartbeatResponse = await self._forward(
-                    follower, "Heartbeat", request, context
-                )
-                return answer
+            return await self._follower_heartbeat(follower, request, context)
+        _, plugin_id = self._instance(request.plugin_id)
+        return pb.HeartbeatResponse(acknowledged=self._state.heartbeat(plugin_id) is not None)
+
+    async def _follower_heartbeat(
+        self,
+        follower: Replication,
+        request: pb.HeartbeatRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.HeartbeatResponse:
+        """Answered here when this replica knows the caller may renew the instance
+        (open mode, an admin, or the owner the leader last confirmed), and handed to
+        the leader in the next batch; otherwise the leader answers, and its yes
+        teaches this replica the owner."""
+        plugin_id = check_plugin_id("plugin_id", request.plugin_id, self._settings.limits)
+        principal = current_principal()
+        plugin = self._state.view.get(plugin_id)
+        if (
+            plugin is not None
+            and follower.may_renew(principal, plugin.name)
+            and self._state.heartbeat(plugin_id) is not None
+        ):
             follower.link.heartbeat(plugin_id, principal)
-        return pb.HeartbeatResponse(acknowledged=renewed)
+            return pb.HeartbeatResponse(acknowledged=True)
+        # Unknown here (yet), expired, or an owner this replica has not learnt.
+        answer: pb.HeartbeatResponse = await self._forward(follower, "Heartbeat", request, context)
+        if answer.acknowledged and plugin is not None:
+            follower.learn_owner(plugin.name, principal)
+        return answer
 
     @_status_mapped
     async def Unregister(

@@ -16,6 +16,8 @@ from registry.validation import Limits
 # Live instances per principal while a policy is in force (SPEC §6); the other
 # per-principal defaults are registry.trust.auth.CallerLimits'.
 POLICY_MAX_INSTANCES = 1000
+# Settings whose value never goes into an error message.
+_SECRETS = frozenset({"cluster_token"})
 
 
 def is_loopback(listen: str) -> bool:
@@ -104,7 +106,8 @@ class RegistrySettings:
     @property
     def replicated(self) -> bool:
         """Whether this is one of possibly several replicas (PostgreSQL)."""
-        return self.database_url.startswith(("postgresql", "postgres:"))
+        scheme = self.database_url.partition(":")[0].partition("+")[0].lower()
+        return scheme in ("postgresql", "postgres")
 
     @property
     def secured(self) -> bool:
@@ -163,7 +166,8 @@ class RegistrySettings:
         }
         for name, (ok, rule) in checks.items():
             if not ok:
-                raise ValueError(f"{name}: {getattr(self, name)!r} {rule}")
+                shown = "<redacted>" if name in _SECRETS else repr(getattr(self, name))
+                raise ValueError(f"{name}: {shown} {rule}")
         if self.tls is not None and (self.tls.cert is None or self.tls.key is None):
             raise ValueError("tls: serving TLS needs a certificate and its key")
         if self.secured and self.replicated and self.cluster_token is None:
@@ -172,8 +176,8 @@ class RegistrySettings:
                 "forward writes with the caller's identity only under it "
                 "(give --cluster-token or POLKU_REGISTRY_CLUSTER_TOKEN)"
             )
-        if self.cluster_token is not None and not self.cluster_token.isprintable():
-            raise ValueError("cluster_token: must be printable ASCII")
+        if self.cluster_token is not None and not all("!" <= c <= "~" for c in self.cluster_token):
+            raise ValueError("cluster_token: must be printable ASCII without spaces")
         if not self.secured and not self.insecure and not is_loopback(self.listen):
             raise ValueError(
                 f"listen: {self.listen!r} is not a loopback address; without an auth policy "

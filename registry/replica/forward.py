@@ -47,12 +47,14 @@ class LeaderLink:
         credentials: grpc.ChannelCredentials | None,
         timeout: float = 5.0,
         flush_interval: float = 0.1,
+        on_refused: Callable[[list[str]], None] = lambda plugin_ids: None,
     ) -> None:
         self._leader_address = leader_address
         self._token = cluster_token
         self._credentials = credentials
         self.timeout = timeout
         self._flush_interval = flush_interval
+        self._on_refused = on_refused
         self._address: str | None = None
         self._channel: grpc.aio.Channel | None = None
         self._registry: pb_grpc.PluginRegistryStub | None = None
@@ -150,6 +152,8 @@ class LeaderLink:
             if self._heartbeats.get(plugin_id) == principal:
                 del self._heartbeats[plugin_id]
         self.refused += len(result.refused)
+        if result.refused:
+            self._on_refused(list(result.refused))
 
     def _stubs(self) -> tuple[pb_grpc.PluginRegistryStub, pb_grpc.RegistryReplicaStub]:
         address = self._leader_address()

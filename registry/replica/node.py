@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -26,6 +27,7 @@ import grpc
 from sqlalchemy.exc import SQLAlchemyError
 
 from registry.errors import StoreError
+from registry.model import Principal
 from registry.replica import status
 from registry.replica.election import LEADER_NOTICE, Election, LeaderLease, new_holder_id
 from registry.replica.forward import LeaderLink
@@ -35,6 +37,8 @@ from registry.store import SqlStore
 from registry.wire import pb
 
 log = logging.getLogger(__name__)
+
+MAX_OWNERS = 50_000  # owners a follower remembers (least recently confirmed go first)
 
 Work = Callable[[], Awaitable[None]]
 
@@ -82,7 +86,10 @@ class Replication:
             leader_address=self._forward_to,
             cluster_token=cluster_token,
             credentials=credentials,
+            on_refused=self._refused,
         )
+        # Plugin name -> the principal the leader confirmed may renew its instances.
+        self._owners: OrderedDict[str, str] = OrderedDict()
         self._reporter: asyncio.Task[None] | None = None
         self._stepping_down: asyncio.Task[None] | None = None
         state.on_fenced = self._fenced
@@ -90,6 +97,29 @@ class Replication:
     @property
     def leading(self) -> bool:
         return self.election.leading and self.state.leading
+
+    def may_renew(self, principal: Principal | None, plugin_name: str) -> bool:
+        """Whether this follower may answer a heartbeat itself (SPEC §6 holds here
+        too): open mode, an admin, or the owner the leader confirmed for the name."""
+        if principal is None or principal.admin:
+            return True
+        return self._owners.get(plugin_name) == principal.name
+
+    def learn_owner(self, plugin_name: str, principal: Principal | None) -> None:
+        """The leader renewed ``principal``'s heartbeat of ``plugin_name``: it may."""
+        if principal is None or principal.admin:
+            return
+        self._owners[plugin_name] = principal.name
+        self._owners.move_to_end(plugin_name)
+        while len(self._owners) > MAX_OWNERS:
+            self._owners.popitem(last=False)
+
+    def _refused(self, plugin_ids: list[str]) -> None:
+        """The leader refused heartbeats this follower answered: ask it from now on."""
+        for plugin_id in plugin_ids:
+            plugin = self.state.view.get(plugin_id)
+            if plugin is not None:
+                self._owners.pop(plugin.name, None)
 
     def _forward_to(self) -> str | None:
         """The leader writes go to; None while this replica holds the lease itself
