@@ -97,7 +97,7 @@ def test_every_postgresql_url_the_store_takes_needs_the_cluster_token() -> None:
 
 def test_a_refused_cluster_token_is_never_echoed() -> None:
     token = "s3cret-but-too-long-" * 30
-    with pytest.raises(ValueError) as refused:
+    with pytest.raises(ValueError, match=r"^cluster_token: ") as refused:
         RegistrySettings(database_url=PG, cluster_token=token)
     assert "<redacted>" in str(refused.value)
     assert "s3cret" not in str(refused.value)
