@@ -24,7 +24,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 from ingestor import _loop
 from ingestor._closing import Closing
@@ -33,6 +32,7 @@ from ingestor.revisions import DEFAULT_MAX_PLUGIN_BYTES, Revision, RevisionAssem
 from ingestor.view import Endpoint, ResolverView
 from registry.client import RegistryClient, parse_addresses
 from registry.errors import RegistryError
+from registry.lifecycle import cancel_and_wait
 from registry.trust.tls import TlsFiles
 from registry.wire import pb
 
@@ -219,7 +219,7 @@ class RegistryResolver(Closing):
             task.cancel()
             return
         try:
-            future = asyncio.run_coroutine_threadsafe(_cancel(task), loop)
+            future = asyncio.run_coroutine_threadsafe(cancel_and_wait(task), loop)
             if _loop.running_loop() is None:
                 future.result(self.connect_timeout)
         except (RuntimeError, TimeoutError) as exc:  # its loop stopped, or is stuck
@@ -231,10 +231,10 @@ class RegistryResolver(Closing):
         if loop is None or task is None or loop.is_closed():
             return
         if asyncio.get_running_loop() is loop:
-            await _cancel(task)
+            await cancel_and_wait(task)
             return
         with contextlib.suppress(RuntimeError):
-            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_cancel(task), loop))
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(cancel_and_wait(task), loop))
 
     def _enter(self) -> None:
         self.start()
@@ -552,9 +552,3 @@ class RegistryResolver(Closing):
             except Exception:
                 log.exception("registry view hook %r failed", hook)
         self._signal.notify()
-
-
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

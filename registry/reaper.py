@@ -26,7 +26,6 @@ as after a restart.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import heapq
 import logging
@@ -35,6 +34,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 
 from registry.errors import RegistryUnavailable
+from registry.lifecycle import cancel_and_wait
 from registry.model import Change, Plugin, PluginStatus
 from registry.state import RegistryState
 
@@ -153,10 +153,7 @@ class LeaseReaper:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         failed = False

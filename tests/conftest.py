@@ -102,6 +102,13 @@ def reset_postgres(url: str) -> None:
     run_off_loop(_admin(url, "DROP SCHEMA IF EXISTS public CASCADE", "CREATE SCHEMA public"))
 
 
+@pytest.fixture
+def pg_url(postgres_url: str) -> str:
+    """The run's PostgreSQL database with an empty schema, for PostgreSQL-only tests."""
+    reset_postgres(postgres_url)
+    return postgres_url
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A database URL with an empty schema: SQLite under tmp_path, or PostgreSQL."""

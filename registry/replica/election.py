@@ -33,6 +33,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from registry.lifecycle import cancel_and_wait
 from registry.store import CHANGES_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -164,10 +165,7 @@ class Election:
     async def stop(self) -> None:
         """Stop campaigning; a leader gives the lease up so another takes over at once."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         lease = self.lease
         if lease is not None:
             await self.depose(lease)

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from registry.errors import RegistryUnavailable
+from registry.lifecycle import cancel_and_wait
 from registry.model import Principal
 from registry.trust.auth import CLUSTER_TOKEN_KEY, FORWARDED_FOR_KEY, FORWARDED_PEER_KEY
 from registry.wire import pb, pb_grpc
@@ -69,10 +70,7 @@ class LeaderLink:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         await self._close()
 
     def metadata(self, principal: Principal | None, peer: str) -> tuple[tuple[str, str], ...]:

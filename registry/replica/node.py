@@ -27,6 +27,7 @@ import grpc
 from sqlalchemy.exc import SQLAlchemyError
 
 from registry.errors import StoreError
+from registry.lifecycle import cancel_and_wait
 from registry.model import Principal
 from registry.replica import status
 from registry.replica.election import LEADER_NOTICE, Election, LeaderLease, new_holder_id
@@ -147,10 +148,7 @@ class Replication:
         """Write what is staged, hand the lease over (another replica takes it at
         once), stop following. The link to the leader stays until :meth:`close`."""
         reporter, self._reporter = self._reporter, None
-        if reporter is not None:
-            reporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reporter
+        await cancel_and_wait(reporter)
         if self.leading:
             with contextlib.suppress(StoreError):
                 await self.state.flush()  # heartbeats staged lazily are not lost

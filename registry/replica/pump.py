@@ -26,6 +26,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.engine import make_url
 
+from registry.lifecycle import cancel_and_wait
 from registry.model import Change
 from registry.store import CHANGES_CHANNEL, change_from_json
 
@@ -77,10 +78,7 @@ class ChangePump:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         await self._close()
 
     def wake(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -46,16 +46,6 @@ class Roles:
 
 
 MakeElection = Callable[..., tuple[Election, Roles]]
-Admin = Callable[..., Awaitable[None]]  # conftest's postgres_admin
-
-
-@pytest.fixture
-async def pg_url(postgres_url: str, postgres_admin: Admin) -> str:
-    """The run's PostgreSQL database, emptied for this test."""
-    await postgres_admin(
-        postgres_url, "DROP SCHEMA IF EXISTS public CASCADE", "CREATE SCHEMA public"
-    )
-    return postgres_url
 
 
 @pytest.fixture

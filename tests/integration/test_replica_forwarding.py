@@ -9,7 +9,7 @@ Calls go through raw stubs so each answer's status code is the server's own.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,6 @@ CLUSTER_TOKEN = "cluster-" + secrets.token_hex(16)
 ALICE = Who("alice", ("register", "read"))
 BOB = Who("bob", ("register", "read"))
 ADMIN = Who("admin", ("admin",))
-Admin = Callable[..., Awaitable[None]]  # conftest's postgres_admin
 
 
 @dataclass
@@ -43,15 +42,6 @@ class Pair:
     to_leader: pb_grpc.PluginRegistryStub
     to_follower: pb_grpc.PluginRegistryStub
     replica_of_leader: pb_grpc.RegistryReplicaStub
-
-
-@pytest.fixture
-async def pg_url(postgres_url: str, postgres_admin: Admin) -> str:
-    """The run's PostgreSQL database, emptied for this test."""
-    await postgres_admin(
-        postgres_url, "DROP SCHEMA IF EXISTS public CASCADE", "CREATE SCHEMA public"
-    )
-    return postgres_url
 
 
 @pytest.fixture

@@ -92,15 +92,6 @@ Admin = Callable[..., Awaitable[None]]  # conftest's postgres_admin
 
 
 @pytest.fixture
-async def pg_url(postgres_url: str, postgres_admin: Admin) -> str:
-    """The run's PostgreSQL database, emptied for this test."""
-    await postgres_admin(
-        postgres_url, "DROP SCHEMA IF EXISTS public CASCADE", "CREATE SCHEMA public"
-    )
-    return postgres_url
-
-
-@pytest.fixture
 async def leader(pg_url: str) -> AsyncIterator[Leader]:
     """A store on the migrated database that holds the leader lease (epoch 1)."""
     store = SqlStore.open(pg_url)
