@@ -20,8 +20,10 @@ from registry.sdk import PluginHost
 from registry.sdk.host import Backoff
 from registry.wire import pb
 
-from .cluster import DEADLINE, LONG_LEASE, Cluster, until
+from .cluster import Cluster
+from .common import DEADLINE, until
 from .conftest import MakeCluster
+from .load import LONG_LEASE
 
 pytestmark = pytest.mark.postgres
 

@@ -18,23 +18,12 @@ import pytest
 
 from registry.wire import pb
 
-from .cluster import (
-    DEADLINE,
-    LEADER_LEASE,
-    Change,
-    Heartbeats,
-    blocking_register,
-    check_streams,
-    churn,
-    describe_status,
-    queued_connections,
-    register_request,
-    register_retrying,
-    short,
-    until,
-    wait_queued,
-)
+from .cluster import LEADER_LEASE, Change, describe_status
+from .common import DEADLINE, short, until
 from .conftest import MakeCluster
+from .load import Heartbeats, blocking_register, churn, register_request, register_retrying
+from .sockets import queued_connections, wait_queued
+from .streams import check_streams
 
 pytestmark = pytest.mark.postgres
 

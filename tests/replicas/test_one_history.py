@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from .cluster import (
-    DEADLINE,
-    Listing,
-    check_streams,
-    churn,
-    describe_listings,
-    register_request,
-    until,
-)
+from .cluster import Listing, describe_listings
+from .common import DEADLINE, until
 from .conftest import MakeCluster
+from .load import churn, register_request
+from .streams import check_streams
 
 pytestmark = pytest.mark.postgres
 

@@ -15,17 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import (
-    DEADLINE,
-    PUMP_APPLICATION,
-    Cluster,
-    check_streams,
-    register_request,
-    register_retrying,
-    short,
-    until,
-)
+from .cluster import PUMP_APPLICATION, Cluster
+from .common import DEADLINE, short, until
 from .conftest import MakeCluster
+from .load import register_request, register_retrying
+from .streams import check_streams
 
 pytestmark = pytest.mark.postgres
 
