@@ -25,6 +25,7 @@ class PluginStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PLUGIN_STATUS_HEALTHY: _ClassVar[PluginStatus]
     PLUGIN_STATUS_UNHEALTHY: _ClassVar[PluginStatus]
     PLUGIN_STATUS_EXPIRED: _ClassVar[PluginStatus]
+    PLUGIN_STATUS_DRAINING: _ClassVar[PluginStatus]
 
 class ReplicaRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -39,6 +40,7 @@ PLUGIN_STATUS_UNKNOWN: PluginStatus
 PLUGIN_STATUS_HEALTHY: PluginStatus
 PLUGIN_STATUS_UNHEALTHY: PluginStatus
 PLUGIN_STATUS_EXPIRED: PluginStatus
+PLUGIN_STATUS_DRAINING: PluginStatus
 REPLICA_ROLE_UNSPECIFIED: ReplicaRole
 REPLICA_ROLE_LEADER: ReplicaRole
 REPLICA_ROLE_FOLLOWER: ReplicaRole
@@ -229,20 +231,22 @@ class RegisteredPlugin(_message.Message):
     def __init__(self, plugin_id: _Optional[str] = ..., info: _Optional[_Union[PluginInfo, _Mapping]] = ..., address: _Optional[str] = ..., status: _Optional[_Union[PluginStatus, str]] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_check_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[str] = ..., lease_ttl_seconds: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class ListPluginsRequest(_message.Message):
-    __slots__ = ("type", "source", "statuses", "name", "page_size", "page_token")
+    __slots__ = ("type", "source", "statuses", "name", "page_size", "page_token", "label_selector")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     STATUSES_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SELECTOR_FIELD_NUMBER: _ClassVar[int]
     type: PluginType
     source: str
     statuses: _containers.RepeatedScalarFieldContainer[PluginStatus]
     name: str
     page_size: int
     page_token: str
-    def __init__(self, type: _Optional[_Union[PluginType, str]] = ..., source: _Optional[str] = ..., statuses: _Optional[_Iterable[_Union[PluginStatus, str]]] = ..., name: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    label_selector: str
+    def __init__(self, type: _Optional[_Union[PluginType, str]] = ..., source: _Optional[str] = ..., statuses: _Optional[_Iterable[_Union[PluginStatus, str]]] = ..., name: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., label_selector: _Optional[str] = ...) -> None: ...
 
 class ListPluginsResponse(_message.Message):
     __slots__ = ("plugins", "revision", "next_page_token")
@@ -261,12 +265,14 @@ class GetPluginRequest(_message.Message):
     def __init__(self, plugin_id: _Optional[str] = ...) -> None: ...
 
 class ResolveRequest(_message.Message):
-    __slots__ = ("source", "emitter_name")
+    __slots__ = ("source", "emitter_name", "label_selector")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     EMITTER_NAME_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SELECTOR_FIELD_NUMBER: _ClassVar[int]
     source: str
     emitter_name: str
-    def __init__(self, source: _Optional[str] = ..., emitter_name: _Optional[str] = ...) -> None: ...
+    label_selector: str
+    def __init__(self, source: _Optional[str] = ..., emitter_name: _Optional[str] = ..., label_selector: _Optional[str] = ...) -> None: ...
 
 class Endpoint(_message.Message):
     __slots__ = ("plugin_id", "address", "status")
@@ -287,12 +293,14 @@ class ResolveResponse(_message.Message):
     def __init__(self, endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("since_revision", "sources")
+    __slots__ = ("since_revision", "sources", "label_selector")
     SINCE_REVISION_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    LABEL_SELECTOR_FIELD_NUMBER: _ClassVar[int]
     since_revision: int
     sources: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, since_revision: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
+    label_selector: str
+    def __init__(self, since_revision: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., label_selector: _Optional[str] = ...) -> None: ...
 
 class WatchResponse(_message.Message):
     __slots__ = ("revision", "snapshot", "upserted", "removed_plugin_ids")
@@ -379,3 +387,21 @@ class HeartbeatBatchResult(_message.Message):
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     refused: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, refused: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("plugin_id", "name", "undrain")
+    PLUGIN_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UNDRAIN_FIELD_NUMBER: _ClassVar[int]
+    plugin_id: str
+    name: str
+    undrain: bool
+    def __init__(self, plugin_id: _Optional[str] = ..., name: _Optional[str] = ..., undrain: _Optional[bool] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("plugins", "revision")
+    PLUGINS_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    plugins: _containers.RepeatedCompositeFieldContainer[RegisteredPlugin]
+    revision: int
+    def __init__(self, plugins: _Optional[_Iterable[_Union[RegisteredPlugin, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...

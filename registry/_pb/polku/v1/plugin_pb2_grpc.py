@@ -439,6 +439,11 @@ class PluginRegistryStub:
                 request_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
                 response_deserializer=polku_dot_v1_dot_plugin__pb2.RegistryStatus.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/polku.v1.PluginRegistry/Drain',
+                request_serializer=polku_dot_v1_dot_plugin__pb2.DrainRequest.SerializeToString,
+                response_deserializer=polku_dot_v1_dot_plugin__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class PluginRegistryServicer:
@@ -502,6 +507,14 @@ class PluginRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """Part 5: operations (SPEC §9). Take one instance, or every instance of a plugin
+        name, out of routing (DRAINING) or back into it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PluginRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -549,6 +562,11 @@ def add_PluginRegistryServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                     response_serializer=polku_dot_v1_dot_plugin__pb2.RegistryStatus.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=polku_dot_v1_dot_plugin__pb2.DrainRequest.FromString,
+                    response_serializer=polku_dot_v1_dot_plugin__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -794,6 +812,33 @@ class PluginRegistry:
             '/polku.v1.PluginRegistry/GetStatus',
             google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             polku_dot_v1_dot_plugin__pb2.RegistryStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/polku.v1.PluginRegistry/Drain',
+            polku_dot_v1_dot_plugin__pb2.DrainRequest.SerializeToString,
+            polku_dot_v1_dot_plugin__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,
