@@ -18,6 +18,9 @@ from registry.errors import (
 )
 from registry.model import PluginStatus, PluginType
 
+# The one place the version is written: pyproject.toml reads it from here.
+__version__ = "0.1.0"
+
 if TYPE_CHECKING:
     from registry.server import RegistryServer
     from registry.settings import RegistrySettings

@@ -1,4 +1,4 @@
-"""Bring a database to the current schema with the Alembic scripts in ``migrations/``.
+"""Bring a database to the current schema with the Alembic scripts in ``registry/migrations/``.
 
 Only this registry's databases are migrated, and new ones: a database that has
 tables but no schema revision of ours (another application's, or a newer
@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DatabaseError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-import migrations
+from registry import migrations
 from registry.errors import StoreError
 from registry.store import sqlite_path
 

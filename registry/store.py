@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.util
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +36,11 @@ from registry.model import Change, Plugin, PluginStatus, PluginType, Registratio
 from registry.tables import ChangeRow, ClaimRow, LeaseRow, OwnerRow, PluginRow, RegistryMetaRow
 
 _CHUNK = 500  # ids per IN (...) clause; SQLite caps bound parameters
+# asyncpg is the ``postgres`` extra: an SQLite-only install has no driver for this.
+NO_POSTGRES_DRIVER = (
+    "PostgreSQL needs the asyncpg driver, which is not installed: "
+    "pip install 'polku-registry[postgres]'"
+)
 
 _PLUGINS: Any = PluginRow.__table__
 _LEASES: Any = LeaseRow.__table__
@@ -84,7 +90,8 @@ def normalize_url(url: str) -> str:
     """Pick the async driver for plain ``sqlite://`` and ``postgresql://`` URLs.
 
     Raises:
-        ValueError: the URL is malformed or names an unsupported database.
+        ValueError: the URL is malformed or names an unsupported database, or a
+            PostgreSQL one without asyncpg installed (:data:`NO_POSTGRES_DRIVER`).
     """
     try:
         parsed = make_url(url)
@@ -94,6 +101,8 @@ def normalize_url(url: str) -> str:
     if backend == "sqlite":
         parsed = parsed.set(drivername="sqlite+aiosqlite")
     elif backend in ("postgresql", "postgres"):
+        if importlib.util.find_spec("asyncpg") is None:
+            raise ValueError(NO_POSTGRES_DRIVER)
         parsed = parsed.set(drivername="postgresql+asyncpg")
     else:
         raise ValueError(f"unsupported database {backend!r}: use sqlite:/// or postgresql://")

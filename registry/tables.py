@@ -1,4 +1,4 @@
-"""The database schema as typed SQLAlchemy tables. Migrations in ``migrations/`` create it."""
+"""The database schema as typed SQLAlchemy tables, made by ``registry/migrations/``."""
 
 from __future__ import annotations
 

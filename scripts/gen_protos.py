@@ -6,6 +6,9 @@ The ``.proto`` files import each other as ``polku/...``; protoc therefore emits
 ``from polku.v1 import ...``. The generated tree lives inside the ``registry``
 package, so those imports are rewritten to ``registry._pb.polku...``: the proto
 paths stay natural and the code needs no top-level ``polku`` package.
+
+It also copies ``proto/`` to ``registry/proto/``, the ``.proto`` files the wheel ships
+(``polku-registry proto --out DIR``); ``proto/`` stays the one to edit.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 DEFAULT_OUT = ROOT / "registry" / "_pb"
+SHIPPED = ROOT / "registry" / "proto"
 PACKAGE = "registry._pb"
 _IMPORT = re.compile(r"^(from|import) polku\b", re.MULTILINE)
 
@@ -54,10 +58,21 @@ def generate(out: Path) -> None:
         )
 
 
+def copy_protos(dest: Path) -> None:
+    """Copy every ``.proto`` under ``proto/`` to ``dest`` (replaced whole), paths kept."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    for source in sorted(PROTO_DIR.rglob("*.proto")):
+        target = dest / source.relative_to(PROTO_DIR)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     generate(parser.parse_args().out)
+    copy_protos(SHIPPED)
 
 
 if __name__ == "__main__":

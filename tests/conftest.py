@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
@@ -69,6 +68,8 @@ def _with_database(url: str, database: str) -> str:
 
 
 async def _admin(url: str, *statements: str) -> None:
+    import asyncpg  # the ``postgres`` extra: SQLite-only installs run without it
+
     conn = await asyncpg.connect(url)
     try:
         for statement in statements:

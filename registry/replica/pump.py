@@ -21,14 +21,17 @@ import json
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
 from sqlalchemy.engine import make_url
 
 from registry.lifecycle import cancel_and_wait
 from registry.model import Change
 from registry.store import CHANGES_CHANNEL, change_from_json
+
+if TYPE_CHECKING:
+    # Imported where used: asyncpg is the ``postgres`` extra, absent on SQLite installs.
+    import asyncpg
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,8 @@ class ChangePump:
             return await self._drain(conn)
 
     async def _run(self) -> None:
+        import asyncpg
+
         delay = 0.05
         while True:
             try:
@@ -123,6 +128,8 @@ class ChangePump:
                 delay = min(delay * 2, 2.0)
 
     async def _connection(self) -> asyncpg.Connection:
+        import asyncpg
+
         conn = self._conn
         if conn is not None and not conn.is_closed():
             return conn
