@@ -25,9 +25,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from prometheus_client import CollectorRegistry
+
 from ingestor import _loop
 from ingestor._closing import Closing
 from ingestor.errors import PluginConnectionError, PluginError
+from ingestor.metrics import gateway_metrics
 from ingestor.revisions import DEFAULT_MAX_PLUGIN_BYTES, Revision, RevisionAssembler
 from ingestor.view import Endpoint, ResolverView
 from registry.client import RegistryClient, parse_addresses
@@ -116,7 +119,10 @@ class RegistryResolver(Closing):
     longer (no message, not even an idle progress message, from a live stream) raises
     PluginConnectionError. Set it above the registry's progress interval (5 s by
     default). ``connect_timeout`` bounds how long :meth:`resolve_async` waits for the
-    first snapshot. ``sources`` narrows the stream to plugins declaring one of them.
+    first snapshot. ``sources`` narrows the stream to plugins declaring one of them, and
+    ``label_selector`` (e.g. ``"zone=a,!canary"``, SPEC §1.3) to plugins whose labels
+    match; the registry checks its syntax, so a bad one leaves the resolver unsynced,
+    with the registry's reason as its last error.
     Reconnection waits grow from ``backoff_initial`` to ``backoff_max`` seconds, jittered.
     ``token`` and ``tls`` are :class:`~registry.client.RegistryClient`'s: a bearer token
     for every call, and the TLS files to reach the registry with. Construction never
@@ -129,8 +135,12 @@ class RegistryResolver(Closing):
     its revision; a revision whose last message was full waits for the next message
     (at the latest the registry's progress message).
 
+    ``metrics``: a CollectorRegistry to report the view's staleness on
+    (:mod:`ingestor.metrics`); None reports nothing.
+
     Raises (constructor):
-        ValueError: a setting is out of range (the message names it).
+        ValueError: a setting is out of range (the message names it), or ``metrics``
+            holds other families of the gateway's names.
         RegistryError: ``token``/``tls`` refused, as RegistryClient refuses them (a token
             in clear to a non-loopback registry, unusable TLS files).
     """
@@ -142,12 +152,14 @@ class RegistryResolver(Closing):
         max_staleness: float | None = None,
         connect_timeout: float = 5.0,
         sources: Iterable[str] = (),
+        label_selector: str = "",
         backoff_initial: float = 0.05,
         backoff_max: float = 5.0,
         token: str | None = None,
         tls: TlsFiles | None = None,
         max_plugin_bytes: int = DEFAULT_MAX_PLUGIN_BYTES,
         idle_timeout: float | None = None,
+        metrics: CollectorRegistry | None = None,
     ) -> None:
         if max_staleness is not None and max_staleness <= 0:
             raise ValueError(f"max_staleness: {max_staleness!r} must be positive")
@@ -164,6 +176,7 @@ class RegistryResolver(Closing):
         self.max_staleness = max_staleness
         self.connect_timeout = connect_timeout
         self.sources = tuple(sources)
+        self.label_selector = label_selector
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self._token = token
@@ -181,6 +194,9 @@ class RegistryResolver(Closing):
         self._last_error = ""
         self._hooks: list[ViewHook] = []
         self._signal = _Signal()
+        self._metrics = gateway_metrics(metrics)
+        if self._metrics is not None:
+            self._metrics.add_resolver(self)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -418,6 +434,8 @@ class RegistryResolver(Closing):
             self._state = _State.CLOSED
             loop, task, self._task = self._loop, self._task, None
             self._hooks = []
+        if self._metrics is not None:
+            self._metrics.forget(self)
         self._signal.notify()
         return loop, task
 
@@ -476,7 +494,9 @@ class RegistryResolver(Closing):
                 # Several replicas: one that says nothing is left for the next (a hung one).
                 async with asyncio.timeout(self.connect_timeout if several else None) as silence:
                     async for message in client.watch(
-                        since_revision=self.revision, sources=self.sources
+                        since_revision=self.revision,
+                        sources=self.sources,
+                        label_selector=self.label_selector,
                     ):
                         if not self._connected:
                             self._connected = True

@@ -28,6 +28,7 @@ from datetime import datetime
 from typing import Literal, NamedTuple
 
 from registry.errors import AlreadyExists, PermissionDenied, ResourceExhausted
+from registry.labels import EVERYTHING, Selector
 from registry.model import Change, Plugin, PluginStatus, PluginType, Principal, Registration
 from registry.sortedids import SortedIds
 from registry.ulid import new_ulid
@@ -156,13 +157,15 @@ class Catalog:
         source: str = "",
         statuses: frozenset[PluginStatus] = frozenset(),
         name: str = "",
+        labels: Selector = EVERYTHING,
         after: str = "",
     ) -> Iterator[Plugin]:
         """Plugins matching every filter given, in id order, starting after ``after``.
 
         A keyset walk of the sorted index (of all ids, or of the source's): finding
-        ``after`` costs O(log n), each plugin walked O(1), so paging through all n
-        costs O(n) in total. The other filters are applied while walking.
+        ``after`` costs O(log n), each plugin walked O(1) (a label selector: one
+        lookup per requirement), so paging through all n costs O(n) in total. The
+        other filters are applied while walking.
         """
         index = self._by_source.get(source) if source else self._order
         if index is None:
@@ -174,6 +177,8 @@ class Catalog:
             if statuses and plugin.status not in statuses:
                 continue
             if name and plugin.name != name:
+                continue
+            if labels and not labels.matches(plugin.registration.labels):
                 continue
             yield plugin
 
@@ -358,6 +363,40 @@ class Catalog:
         for plugin in removed:
             self._unindex(plugin)
         return self._bump(removed=removed)
+
+    def drain(self, plugin_ids: Iterable[str], drained: bool, now: datetime) -> Change | None:
+        """Take instances out of routing (DRAINING), or put them back, in one revision.
+
+        Idempotent: instances already in the state asked for, and unknown ids, are
+        left alone; None when nothing changed. An EXPIRED instance is not drained:
+        its lease has lapsed and its sources may be another name's by now, so
+        draining must not bring it back to life.
+
+        Undrained, an instance takes the health its last check saw: HEALTHY if that
+        check passed, else UNKNOWN (not checked while drained, or failing), which the
+        health checker checks again at once.
+        """
+        changed = []
+        for plugin_id in dict.fromkeys(plugin_ids):
+            plugin = self._by_id.get(plugin_id)
+            if plugin is None:
+                continue
+            draining = plugin.status is PluginStatus.DRAINING
+            if drained and not draining and plugin.status is not PluginStatus.EXPIRED:
+                changed.append(dataclasses.replace(plugin, status=PluginStatus.DRAINING))
+            elif not drained and draining:
+                passed = plugin.last_check_at is not None and not plugin.last_error
+                status = PluginStatus.HEALTHY if passed else PluginStatus.UNKNOWN
+                changed.append(dataclasses.replace(plugin, status=status))
+        return self.update(changed, now) if changed else None
+
+    def instances_of(self, plugin_name: str) -> list[Plugin]:
+        """Every instance of ``plugin_name``, in id order.
+
+        A walk of the whole catalogue: for Drain by name, an operator's occasional
+        call, which is not worth an index kept on every Register.
+        """
+        return list(self.select(name=plugin_name))
 
     def update(self, plugins: Iterable[Plugin], now: datetime) -> Change | None:
         """Store new states of existing plugins (status changes) in one revision."""

@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator
 
 from registry import convert
+from registry.labels import EVERYTHING, Selector
 from registry.model import Change, Plugin
 from registry.state import RegistryState
 from registry.wire import pb
@@ -52,10 +53,24 @@ class ViewSnapshot:
 
 
 class Watcher:
-    """One Watch stream's position, filter and pending changes."""
+    """One Watch stream's position, filters and pending changes.
 
-    def __init__(self, sources: frozenset[str], revision: int, max_backlog: int) -> None:
+    A plugin concerns the watcher when it declares one of ``sources`` (any, when
+    empty) and its labels match ``selector``. Both are fixed for a plugin id: a new
+    source or label comes with a re-registration, a new id replacing the old in one
+    change, so a plugin that stops matching is sent as removed (its old id), and one
+    that starts matching as upserted.
+    """
+
+    def __init__(
+        self,
+        sources: frozenset[str],
+        revision: int,
+        max_backlog: int,
+        selector: Selector = EVERYTHING,
+    ) -> None:
         self.sources = sources
+        self.selector = selector
         # Everything up to this revision has been sent (or covered by a snapshot).
         self.revision = revision
         self.backlog: deque[Change] = deque()
@@ -66,7 +81,10 @@ class Watcher:
         self.wake = asyncio.Event()
 
     def matches(self, plugin: Plugin) -> bool:
-        return not self.sources or not self.sources.isdisjoint(plugin.registration.sources)
+        registration = plugin.registration
+        if self.sources and self.sources.isdisjoint(registration.sources):
+            return False
+        return not self.selector or self.selector.matches(registration.labels)
 
     def push(self, change: Change) -> None:
         if self.needs_snapshot:
@@ -103,6 +121,8 @@ class WatchHub:
         # The snapshot at the view's revision while any watcher still sends it.
         self._snapshot: weakref.ref[ViewSnapshot] | None = None
         self._closed = False
+        # Messages handed to Watch streams so far (metrics read it).
+        self.messages_sent = 0
         state.subscribe(self._on_changes, on_reset=self._on_reset)
 
     async def load_history(self) -> None:
@@ -120,6 +140,11 @@ class WatchHub:
         self._log = deque([*older, *self._log], maxlen=self._log.maxlen)
         self._history_loaded.set()
 
+    @property
+    def watchers(self) -> int:
+        """Watch streams open now."""
+        return len(self._watchers)
+
     def close(self) -> None:
         """End every stream (they finish with OK); new ones end at once."""
         self._closed = True
@@ -128,20 +153,26 @@ class WatchHub:
             watcher.wake.set()
 
     async def stream(
-        self, since_revision: int, sources: frozenset[str]
+        self, since_revision: int, sources: frozenset[str], selector: Selector = EVERYTHING
     ) -> AsyncIterator[pb.WatchResponse]:
-        """The messages of one Watch call, until the hub closes or the caller stops."""
+        """The messages of one Watch call, until the hub closes or the caller stops.
+
+        Only plugins that declare one of ``sources`` (any, when empty) and match
+        ``selector`` are sent (see :class:`Watcher`).
+        """
         if since_revision:
             await self._history_loaded.wait()
-        watcher = self._subscribe(since_revision, sources)
+        watcher = self._subscribe(since_revision, sources, selector)
         try:
             if not watcher.needs_snapshot and not watcher.backlog:
                 # Resumed with nothing missed: say so now, so the client knows the
                 # stream is live without waiting for the first progress interval.
+                self.messages_sent += 1
                 yield pb.WatchResponse(revision=watcher.revision)
             while not self._closed:
                 message = self._next(watcher)
                 if message is not None:
+                    self.messages_sent += 1
                     yield message
                     # Dropped now, not once the next one is built: one at a time.
                     message = None
@@ -150,13 +181,14 @@ class WatchHub:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(watcher.wake.wait(), self._progress_interval)
                     continue
+                self.messages_sent += 1
                 yield pb.WatchResponse(revision=max(watcher.revision, self._state.view.revision))
         finally:
             watcher.sending = None
             self._watchers.discard(watcher)
 
-    def _subscribe(self, since: int, sources: frozenset[str]) -> Watcher:
-        watcher = Watcher(sources, since, self._max_backlog)
+    def _subscribe(self, since: int, sources: frozenset[str], selector: Selector) -> Watcher:
+        watcher = Watcher(sources, since, self._max_backlog, selector)
         published = self._state.view.revision
         oldest = self._log[0].revision if self._log else published + 1
         if 0 < since <= published and since >= oldest - 1:
