@@ -25,6 +25,9 @@ class PluginStatus(enum.IntEnum):
     HEALTHY = 2
     UNHEALTHY = 3
     EXPIRED = 4
+    # Taken out of routing by an operator: still checked, never reaped, its
+    # heartbeats acknowledged (SPEC §1.3, §9).
+    DRAINING = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +83,10 @@ class Plugin:
 
     @property
     def live(self) -> bool:
-        """Whether it still holds its sources and emitter name (its lease has not lapsed)."""
+        """Whether it still holds its sources and emitter name (its lease has not lapsed).
+
+        A DRAINING instance is live: it is out of routing, not gone.
+        """
         return self.status is not PluginStatus.EXPIRED
 
 

@@ -29,6 +29,11 @@ under a second rather than after interval x threshold.
 Status changes are written in batches (whatever finished meanwhile goes in one
 revision); a check that changes no status is kept in memory and persisted lazily.
 
+A DRAINING plugin (SPEC §9) is checked like any other, its ``last_check_at`` and
+``last_error`` recorded, but its status is the operator's: no result changes it, and
+a failing one is not retried faster than the interval once past the threshold.
+Undrained to UNKNOWN (its last check did not pass), it is checked again at once.
+
 Every channel is made to a vetted target (SPEC §6 "Address policy"): the stored address
 is parsed and judged by the address policy, a host name resolved, and the channel goes
 to the vetted IP. A refused or unparsable address is never dialled; that check fails
@@ -45,7 +50,10 @@ import contextlib
 import dataclasses
 import logging
 import random
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
@@ -85,7 +93,8 @@ class CheckSettings:
     broken-channel re-checks in flight, which never wait for a regular slot.
     ``address_policy`` decides which addresses are dialled (default: loopback only),
     ``resolver`` resolves host names before each new channel, ``plugin_tls`` verifies
-    ``https://`` plugins (None: the system roots).
+    ``https://`` plugins (None: the system roots). ``on_check(seconds, result)`` hears of
+    every Health call's end: ``healthy``, ``unhealthy`` (answered so) or ``failed``.
 
     Raises (constructor):
         ValueError: a bound is below 1.
@@ -102,6 +111,7 @@ class CheckSettings:
     address_policy: AddressPolicy = field(default_factory=_loopback_only)
     resolver: HostResolver = field(default_factory=SystemResolver)
     plugin_tls: PluginCredentials | None = None
+    on_check: Callable[[float, str], None] | None = None
 
     def __post_init__(self) -> None:
         for name in ("concurrency", "per_address", "fast_lane"):
@@ -251,9 +261,16 @@ class HealthChecker:
             for plugin in change.removed:
                 self._forget(plugin.plugin_id)
             for plugin in change.upserted:
-                if plugin.plugin_id not in self._streaks:
+                streak = self._streaks.get(plugin.plugin_id)
+                if streak is None:
                     self._streaks[plugin.plugin_id] = _Streak(first=True)
                     self._schedule(plugin.plugin_id, 0.0)
+                elif plugin.status is PluginStatus.UNKNOWN and not streak.first:
+                    # Back to UNKNOWN only by an undrain: check it at once, by the fast
+                    # lane (a call in flight reschedules it when it ends).
+                    streak.first = True
+                    if not streak.busy:
+                        self._schedule(plugin.plugin_id, 0.0)
 
     def _schedule(self, plugin_id: str, delay: float) -> None:
         if not self._running:
@@ -411,7 +428,7 @@ class HealthChecker:
         stub = entry.emitter if plugin_type is PluginType.EMITTER else entry.ingestor
         self.calls += 1
         try:
-            response = await stub.Health(Empty(), timeout=self._settings.timeout)
+            response = await self._timed(stub.Health(Empty(), timeout=self._settings.timeout))
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -431,6 +448,26 @@ class HealthChecker:
         if not response.healthy:
             return False, _printable(response.message) or "plugin reports unhealthy"
         return True, ""
+
+    async def _timed(self, call: Awaitable[Any]) -> Any:
+        """The Health answer of ``call``; its time and result go to ``on_check``."""
+        on_check = self._settings.on_check
+        if on_check is None:
+            return await call
+        started = time.perf_counter()
+        result = "failed"
+        try:
+            response = await call
+            result = "healthy" if response.healthy else "unhealthy"
+            return response
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                result = ""  # the checker is stopping: no result
+            raise
+        finally:
+            if result:
+                on_check(time.perf_counter() - started, result)
 
     def _rpc_error(self, code: grpc.StatusCode) -> str:
         """last_error for a failed Health call: fixed words, never grpc's details."""
@@ -468,6 +505,10 @@ class HealthChecker:
                 status = PluginStatus.UNHEALTHY
             if status is PluginStatus.UNHEALTHY:
                 streak.suspect = False
+        if plugin.status is PluginStatus.DRAINING:
+            # Held out of routing by an operator: recorded, never moved by a check
+            # (the streak still counts, so past the threshold it is no longer a suspect).
+            status = PluginStatus.DRAINING
         now = self._state.clock()
         if status is plugin.status:
             self._state.touch(plugin_id, last_check_at=now, last_error=error)
@@ -486,7 +527,9 @@ class HealthChecker:
             updates = []
             for plugin_id, wanted in pending.items():
                 current = self._state.catalog.get(plugin_id)
-                if current is not None and current.status is not PluginStatus.EXPIRED:
+                # Another change since the check (a drain, an undrain, its lease
+                # lapsing) has the last word: the next check starts from it.
+                if current is not None and current.revision == wanted.revision:
                     updates.append(
                         dataclasses.replace(
                             current,

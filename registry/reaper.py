@@ -7,6 +7,10 @@ registry's start, so that after a restart every lease gets one full TTL of grace
 and a plugin dead before it is checked again before it can be removed, or the end
 of a pause of the registry itself.
 
+A DRAINING plugin (SPEC §9) is neither: an operator holds it out of routing, so its
+lease does not lapse and it is never removed while it drains. Undrained, it is
+scheduled again from its last heartbeat, like any leased plugin.
+
 Its cost follows the deadlines that come due, not the catalogue's size (SPEC §7):
 a plugin has at most one entry per clock in a deadline heap, scheduled when a
 committed change shows it leased or dead. A heartbeat schedules nothing (it stays
@@ -263,7 +267,12 @@ class LeaseReaper:
 
     @staticmethod
     def _leased(plugin: Plugin) -> bool:
-        return bool(plugin.registration.lease_ttl_seconds) and plugin.live
+        """Whether its lease can lapse: leased, live, and not held by a drain."""
+        return (
+            bool(plugin.registration.lease_ttl_seconds)
+            and plugin.live
+            and plugin.status is not PluginStatus.DRAINING
+        )
 
     def _lease_deadline(self, plugin: Plugin) -> datetime:
         last = max(plugin.last_heartbeat_at or plugin.registered_at, self._state.grace_from)

@@ -71,6 +71,8 @@ class RegistryState:
         self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
         # Called when a write was fenced: this replica is no longer the leader.
         self.on_fenced: Callable[[], None] | None = None
+        # Told of every commit: its seconds and records (metrics); any journal's.
+        self.on_write: Callable[[float, int], None] | None = None
 
     async def start(self, *, leading: bool = True) -> None:
         """Load the catalog from the store and, leading, start the writer.
@@ -94,8 +96,13 @@ class RegistryState:
             retain=self._retain,
             on_committed=self._publish,
             on_failed=self._on_write_failed,
+            on_write=self._wrote,
         )
         self._journal.start()
+
+    def _wrote(self, seconds: float, records: int) -> None:
+        if self.on_write is not None:
+            self.on_write(seconds, records)
 
     async def stop(self) -> None:
         """Flush and stop the writer. Idempotent; safe before start."""
@@ -332,6 +339,27 @@ class RegistryState:
             journal.record(change)
         await journal.commit()
         return change.revision if change is not None else 0
+
+    async def drain(self, plugin_ids: list[str], *, drained: bool) -> int:
+        """Drain instances (``drained=True``) or undrain them; durable when this returns.
+
+        One revision for all that changed (see :meth:`Catalog.drain`); returns it, or
+        0 when nothing changed (already so, expired, or gone).
+
+        Raises:
+            RegistryUnavailable: the database cannot take writes now.
+        """
+        journal = self._writer()
+        change = self.catalog.drain(plugin_ids, drained, self.clock())
+        if change is not None:
+            journal.record(change)
+        # Even with nothing to change: a drain in flight is durable when we answer.
+        await journal.commit()
+        return change.revision if change is not None else 0
+
+    def instances_of(self, name: str) -> list[str]:
+        """The ids of every instance of plugin name ``name`` (write side), in id order."""
+        return [p.plugin_id for p in self.catalog.instances_of(name)]
 
     def touch(self, plugin_id: str, **fields: object) -> None:
         """Change fields no watcher needs (last check, last error); persisted lazily."""

@@ -177,6 +177,7 @@ class Matrix:
             ),
             "Heartbeat": lambda: pb.HeartbeatRequest(plugin_id=UNKNOWN_ID),
             "Unregister": lambda: pb.UnregisterRequest(plugin_id=UNKNOWN_ID),
+            "Drain": lambda: pb.DrainRequest(plugin_id=UNKNOWN_ID),
             "ListPlugins": lambda: pb.ListPluginsRequest(),
             "GetPlugin": lambda: pb.GetPluginRequest(plugin_id=UNKNOWN_ID),
             "Resolve": lambda: pb.ResolveRequest(source="matrix"),
@@ -187,8 +188,9 @@ class Matrix:
         assert method in requests, f"a new RPC {method}: give it a request in this matrix"
         return requests[method]()
 
-    # What the right scope gets: these requests are fine, only GetPlugin's id is unknown.
-    EXPECTED = {"GetPlugin": CODE.NOT_FOUND}
+    # What the right scope gets: these requests are fine, only GetPlugin's and Drain's
+    # id is unknown.
+    EXPECTED = {"GetPlugin": CODE.NOT_FOUND, "Drain": CODE.NOT_FOUND}
 
     async def call(self, method: str, metadata: Sequence[tuple[str, str]] = ()) -> Outcome:
         rpc = getattr(self.stub, method)

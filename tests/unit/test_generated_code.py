@@ -150,6 +150,7 @@ def test_upstream_enums():
         "PLUGIN_STATUS_HEALTHY": 2,
         "PLUGIN_STATUS_UNHEALTHY": 3,
         "PLUGIN_STATUS_EXPIRED": 4,
+        "PLUGIN_STATUS_DRAINING": 5,
     }
 
 
