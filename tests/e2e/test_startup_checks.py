@@ -198,7 +198,11 @@ async def test_stored_rows_with_addresses_no_longer_valid_are_quarantined(tmp_pa
             code = await asyncio.to_thread(registry.stop, DEADLINE)
         assert code == 0, registry.output  # bounded: not SIGKILLed after the deadline
         assert canary.connections == 0  # never dialled
-        lines = [line for line in registry.output.splitlines() if "quarantined" in line]
+        lines = [
+            line
+            for line in registry.output.splitlines()
+            if "WARNING registry.server: quarantined" in line
+        ]
         assert len(lines) == 1, lines  # logged once, naming every one of them
         assert "quarantined 3 stored plugin(s)" in lines[0]
         for plugin_id, stored in bad.items():
