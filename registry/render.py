@@ -2,12 +2,15 @@
 
 JSON is the protobuf JSON mapping with the proto field names (``plugin_id``, ``info``)
 and every field present, so ``status`` always reads e.g. ``"PLUGIN_STATUS_HEALTHY"``.
+The wide table (``-o wide``) adds the version and labels and keeps the whole last error.
+A Watch stream is shown a whole revision at a time
+(:class:`registry.revisions.WholeRevisions`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,6 +19,9 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from registry.durations import format_duration
+
+# Re-exported: a revision's messages split at it (tests size messages by it).
+from registry.revisions import SPLIT_BUDGET as SPLIT_BUDGET
 from registry.wire import pb
 
 TABLE_COLUMNS = (
@@ -26,6 +32,18 @@ TABLE_COLUMNS = (
     "ROUTES",
     "STATUS",
     "LAST CHECK",
+    "LAST ERROR",
+)
+WIDE_COLUMNS = (
+    "PLUGIN ID",
+    "NAME",
+    "VERSION",
+    "TYPE",
+    "ADDRESS",
+    "ROUTES",
+    "STATUS",
+    "LAST CHECK",
+    "LABELS",
     "LAST ERROR",
 )
 EMPTY_TABLE = "No plugins registered."
@@ -65,7 +83,7 @@ def type_name(value: int) -> str:
 
 
 def status_name(value: int) -> str:
-    """``healthy``/``unhealthy``/``unknown``/``expired`` for a ``PluginStatus`` number."""
+    """``healthy``/``unhealthy``/``unknown``/``expired``/``draining`` for a ``PluginStatus``."""
     return _enum_name(pb.PluginStatus, "PLUGIN_STATUS_", value)
 
 
@@ -87,29 +105,38 @@ def age(stamp: Timestamp | None, now: datetime) -> str:
     return f"{seconds}s ago"
 
 
-def plugins_table(plugins: Sequence[pb.RegisteredPlugin], *, now: datetime | None = None) -> str:
-    """An aligned table, one plugin a row; :data:`EMPTY_TABLE` when there are none."""
+def plugins_table(
+    plugins: Sequence[pb.RegisteredPlugin], *, now: datetime | None = None, wide: bool = False
+) -> str:
+    """An aligned table, one plugin a row; :data:`EMPTY_TABLE` when there are none.
+
+    ``wide``: the :data:`WIDE_COLUMNS` (version and labels too), the last error uncut.
+    """
     if not plugins:
         return EMPTY_TABLE
     now = now or datetime.now(UTC)
-    rows = [TABLE_COLUMNS] + [
-        (
-            p.plugin_id,
-            p.info.name,
-            type_name(p.info.type),
-            p.address,
-            routes(p.info) or "-",
-            status_name(p.status),
-            age(_stamp(p, "last_check_at"), now),
-            _truncate(_one_line(p.last_error), ERROR_WIDTH) or "-",
-        )
-        for p in plugins
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
+    rows: list[tuple[str, ...]] = [WIDE_COLUMNS if wide else TABLE_COLUMNS]
+    for p in plugins:
+        error = _one_line(p.last_error)
+        cells = {
+            "PLUGIN ID": p.plugin_id,
+            "NAME": p.info.name,
+            "VERSION": p.info.version or "-",
+            "TYPE": type_name(p.info.type),
+            "ADDRESS": p.address,
+            "ROUTES": routes(p.info) or "-",
+            "STATUS": status_name(p.status),
+            "LAST CHECK": age(_stamp(p, "last_check_at"), now),
+            "LABELS": labels(p.labels) or "-",
+            "LAST ERROR": (error if wide else _truncate(error, ERROR_WIDTH)) or "-",
+        }
+        rows.append(tuple(cells[column] for column in rows[0]))
+    return _align(rows)
+
+
+def labels(values: Mapping[str, str]) -> str:
+    """``key=value`` pairs sorted by key, comma-separated (the selector syntax)."""
+    return ",".join(f"{key}={value}" for key, value in sorted(values.items()))
 
 
 def role_name(value: int) -> str:
@@ -164,7 +191,7 @@ def plugin_detail(plugin: pb.RegisteredPlugin, *, now: datetime | None = None) -
         ("capabilities", ", ".join(info.capabilities)),
         ("status", status_name(plugin.status)),
         ("lease", format_duration(ttl) if ttl else "none (registered by an operator)"),
-        ("labels", ", ".join(f"{k}={v}" for k, v in sorted(plugin.labels.items()))),
+        ("labels", labels(plugin.labels).replace(",", ", ")),
         ("registered", _when(_stamp(plugin, "registered_at"), now)),
         ("last heartbeat", _when(_stamp(plugin, "last_heartbeat_at"), now)),
         ("last check", _when(_stamp(plugin, "last_check_at"), now)),
@@ -193,6 +220,25 @@ def watch_lines(message: pb.WatchResponse) -> list[str]:
     ]
     lines += [f"{rev} removed {plugin_id}" for plugin_id in message.removed_plugin_ids]
     return lines
+
+
+def revision_lines(messages: Sequence[pb.WatchResponse]) -> list[str]:
+    """A whole revision (its messages, in order; see :mod:`registry.revisions`) for people.
+
+    As :func:`watch_lines` of one message holding them all: a split snapshot gets one
+    header counting every plugin in it.
+    """
+    if not messages:
+        return []
+    first = messages[0]
+    whole = pb.WatchResponse(
+        revision=first.revision,
+        snapshot=first.snapshot,
+        removed_plugin_ids=first.removed_plugin_ids,
+    )
+    for message in messages:
+        whole.upserted.extend(message.upserted)
+    return watch_lines(whole)
 
 
 def _enum_name(enum: Any, prefix: str, value: int) -> str:

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import pytest
 
-from registry import cli as cli_module
+from registry.cli import commands as cli_commands
 from registry.cli import main
 
 CLI = [sys.executable, "-m", "registry"]
@@ -373,7 +373,6 @@ def test_usage_errors_exit_2(
     [
         ("POLKU_REGISTRY_TIMEOUT", "banana"),
         ("POLKU_REGISTRY_OUTPUT", "yaml"),
-        ("POLKU_REGISTRY_STATUS", "healthy,sick"),
     ],
 )
 @pytest.mark.usefixtures("no_polku_environment")
@@ -404,7 +403,7 @@ def test_an_interrupt_exits_130_quietly(
     async def interrupted(args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_module, "_list", interrupted)
+    monkeypatch.setattr(cli_commands, "list_plugins", interrupted)
     assert main(["list", "--registry", UNREACHABLE]) == 130
     assert capsys.readouterr() == ("", "")
 
@@ -419,13 +418,14 @@ def test_the_registry_address_comes_from_POLKU_REGISTRY(registry_address: str, u
 
 def test_every_option_reads_its_environment_variable(registry_address: str, uid: str) -> None:
     plugin_id = register_ingestor(registry_address, f"opt-{uid}")
+    # Connection settings and the output format read theirs; filters read none (SPEC §9).
     out = ok(
         cli(
             "list",
+            "--source",
+            f"opt-{uid}",
             POLKU_REGISTRY=registry_address,
             POLKU_REGISTRY_OUTPUT="json",
-            POLKU_REGISTRY_SOURCE=f"opt-{uid}",
-            POLKU_REGISTRY_STATUS="unknown,healthy,unhealthy",
         )
     )
     assert ids(json.loads(out)) == {plugin_id}

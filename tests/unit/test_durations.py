@@ -22,6 +22,15 @@ from registry.durations import format_duration, parse_duration
         ("5m", 300.0),
         ("1.5h", 5400.0),
         (" 30s ", 30.0),
+        # Compound, largest unit first, each at most once.
+        ("1m30s", 90.0),
+        ("1h2m", 3720.0),
+        ("1h2m3s", 3723.0),
+        ("2s500ms", 2.5),
+        ("1h0m", 3600.0),
+        ("1.5m30s", 120.0),
+        ("1h30s", 3630.0),
+        ("1m250ms", 60.25),
     ],
 )
 def test_accepts(text: str, seconds: float) -> None:
@@ -48,6 +57,16 @@ def test_accepts(text: str, seconds: float) -> None:
         "1.2.3",
         "0x10",
         "9" * 400,  # finite digits, infinite float
+        "9" * 400 + "h1s",
+        # Compound forms that are likely typos or truncated.
+        "30s1m",  # smaller unit first
+        "1m1m",  # a unit twice
+        "1m30",  # a trailing number without its unit
+        "1m 30s",
+        "1m-30s",
+        "1ms5s",
+        "m30s",
+        "1h2",
     ],
 )
 def test_refuses_with_the_input_and_the_accepted_forms(text: str) -> None:
@@ -57,6 +76,7 @@ def test_refuses_with_the_input_and_the_accepted_forms(text: str) -> None:
     assert repr(text) in message
     assert "250ms" in message
     assert "5m" in message
+    assert "1m30s" in message
 
 
 @pytest.mark.parametrize(
