@@ -3,6 +3,7 @@
     with RegistryResolver("127.0.0.1:50051") as resolver:
         with Hub(resolver=resolver).build() as hub:
             events = hub.ingest(IngestContext("k8s"), raw)
+            result = hub.ingest_with_errors(IngestContext("k8s"), raw)  # and the errors
 
 Errors are the :class:`PluginError` tree (:mod:`ingestor.errors`).
 """
@@ -13,6 +14,7 @@ from ingestor.errors import PluginConnectionError, PluginError, PluginTransformE
 from ingestor.external import ExternalIngestor
 from ingestor.hub import Hub
 from ingestor.resolver import RegistryResolver
+from ingestor.result import IngestResult
 from ingestor.view import Endpoint, ResolverView
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "ExternalIngestor",
     "Hub",
     "IngestContext",
+    "IngestResult",
     "PluginConnectionError",
     "PluginError",
     "PluginTransformError",

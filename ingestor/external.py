@@ -4,6 +4,7 @@ ingestor = ExternalIngestor("k8s", "127.0.0.1:9001")                    # static
 ingestor = ExternalIngestor("k8s", resolver=RegistryResolver(registry))  # dynamic
 events = ingestor.ingest(IngestContext("k8s"), raw)          # any thread
 events = await ingestor.ingest_async(IngestContext("k8s"), raw)
+result = ingestor.ingest_with_errors(IngestContext("k8s"), raw)  # .events, .errors
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import NoReturn, overload
 import grpc
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import DecodeError
+from prometheus_client import CollectorRegistry
 
 from ingestor import _loop
 from ingestor._closing import Closing
@@ -29,11 +31,13 @@ from ingestor.answer import (
     AnswerRefused,
     decode_answer,
 )
-from ingestor.breaker import BreakerSettings, CircuitBreaker
+from ingestor.breaker import BreakerSettings, BreakerState, CircuitBreaker
 from ingestor.connection import ConnectionPool, PluginConnection
 from ingestor.context import IngestContext
 from ingestor.errors import PluginConnectionError, PluginError, PluginTransformError
+from ingestor.metrics import gateway_metrics, measured
 from ingestor.resolver import RegistryResolver
+from ingestor.result import IngestResult
 from ingestor.view import Endpoint, ResolverView
 from registry.errors import InvalidArgument
 from registry.trust.addresses import AddressPolicy, HostResolver, SystemResolver, parse_address
@@ -114,10 +118,14 @@ class ExternalIngestor(Closing):
     would only pay for it twice). ``channel_options`` may not set
     ``grpc.max_receive_message_length``: ``max_response_bytes`` does.
 
+    ``metrics``: a CollectorRegistry to report ingest latency, errors and breaker
+    states on (:mod:`ingestor.metrics`); None reports nothing.
+
     Raises (constructor):
         ValueError: neither or both of ``address`` and ``resolver``, a bad timeout, a
             limit out of range, an ``address`` that does not parse, unusable ``tls``
-            files, or ``channel_options`` setting the receive limit.
+            files, ``channel_options`` setting the receive limit, or ``metrics``
+            holding other families of the gateway's names.
     """
 
     def __init__(
@@ -135,6 +143,7 @@ class ExternalIngestor(Closing):
         tls: TlsFiles | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_events: int = DEFAULT_MAX_EVENTS,
+        metrics: CollectorRegistry | None = None,
     ) -> None:
         if (address is None) == (resolver is None):
             raise ValueError("give exactly one of address and resolver")
@@ -170,6 +179,9 @@ class ExternalIngestor(Closing):
         self._unsubscribe: Callable[[], None] | None = None
         if resolver is not None:
             self._unsubscribe = resolver.subscribe(self._on_view)
+        self.gateway_metrics = gateway_metrics(metrics)
+        if self.gateway_metrics is not None:
+            self.gateway_metrics.add_ingestor(self)
 
     def __repr__(self) -> str:
         target = self.address if self.address is not None else f"resolver={self.resolver!r}"
@@ -181,7 +193,22 @@ class ExternalIngestor(Closing):
         """Send ``data`` to the source's plugin; its events, in order.
 
         Errors the plugin reports next to events are logged as warnings (naming the
-        plugin and offset) and the events returned.
+        plugin and offset) and the events returned; :meth:`ingest_with_errors_async`
+        returns them too.
+
+        Raises:
+            As :meth:`ingest_with_errors_async`.
+        Cancellation cancels the RPC in flight.
+        """
+        return (await self.ingest_with_errors_async(ctx, data)).events
+
+    @measured
+    async def ingest_with_errors_async(self, ctx: IngestContext, data: bytes) -> IngestResult:
+        """Send ``data`` to the source's plugin; its events and its per-record errors.
+
+        The errors (the plugin's ``IngestError`` records, as it returned them) are
+        also logged as warnings, naming the plugin and offset, as :meth:`ingest_async`
+        does.
 
         Raises:
             PluginConnectionError: no plugin could be reached (connect failure,
@@ -217,7 +244,7 @@ class ExternalIngestor(Closing):
                     address=again.error.address,
                 ) from again.error
             endpoint = retry_on
-        return self._events(endpoint, response)
+        return self._result(endpoint, response)
 
     def ingest(self, ctx: IngestContext, data: bytes) -> list[event_pb.Event]:
         """Synchronous :meth:`ingest_async`, from any thread without a running loop.
@@ -227,11 +254,24 @@ class ExternalIngestor(Closing):
                 ``await ingest_async`` there), or the ingestor is closed.
             PluginConnectionError, PluginTransformError: as :meth:`ingest_async`.
         """
+        return self._ingest_sync(ctx, data, "ingest").events
+
+    def ingest_with_errors(self, ctx: IngestContext, data: bytes) -> IngestResult:
+        """Synchronous :meth:`ingest_with_errors_async` (thread rules as :meth:`ingest`).
+
+        Raises:
+            PluginError: called on a thread whose event loop is running (use
+                ``await ingest_with_errors_async`` there), or the ingestor is closed.
+            PluginConnectionError, PluginTransformError: as :meth:`ingest_async`.
+        """
+        return self._ingest_sync(ctx, data, "ingest_with_errors")
+
+    def _ingest_sync(self, ctx: IngestContext, data: bytes, method: str) -> IngestResult:
         return _loop.run_sync(
-            lambda: self.ingest_async(ctx, data),
+            lambda: self.ingest_with_errors_async(ctx, data),
             timeout=self._sync_budget(),
-            what="ExternalIngestor.ingest",
-            instead="ingest_async(ctx, data)",
+            what=f"ExternalIngestor.{method}",
+            instead=f"{method}_async(ctx, data)",
         )
 
     async def health_async(self) -> pb.PluginHealthResponse:
@@ -318,6 +358,10 @@ class ExternalIngestor(Closing):
                     continue
                 await asyncio.wrap_future(future)
 
+    def breaker_states(self) -> dict[str, BreakerState]:
+        """The breaker of each endpoint called so far (and still resolved), by address."""
+        return {address: breaker.state for address, breaker in dict(self._breakers).items()}
+
     def channels(self) -> int:
         """How many channels are cached on the running loop (or the private one)."""
         loop = _loop.running_loop() or _loop.started_bridge_loop()
@@ -351,6 +395,8 @@ class ExternalIngestor(Closing):
             unsubscribe, self._unsubscribe = self._unsubscribe, None
         if unsubscribe is not None:
             unsubscribe()
+        if self.gateway_metrics is not None:
+            self.gateway_metrics.forget(self)
         return pools
 
     async def _endpoints(self) -> tuple[Endpoint, ...]:
@@ -476,7 +522,7 @@ class ExternalIngestor(Closing):
             code=code.name,
         ) from exc
 
-    def _events(self, endpoint: Endpoint, response: pb.IngestResponse) -> list[event_pb.Event]:
+    def _result(self, endpoint: Endpoint, response: pb.IngestResponse) -> IngestResult:
         events = list(response.events)
         if response.errors and not events:
             first = response.errors[0]
@@ -496,7 +542,7 @@ class ExternalIngestor(Closing):
                 error.message,
                 f" ({error.details})" if error.details else "",
             )
-        return events
+        return IngestResult(events, list(response.errors))
 
     def _on_view(self, view: ResolverView) -> None:
         """Resolver hook (its loop thread): close channels to endpoints that went away."""

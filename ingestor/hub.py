@@ -3,12 +3,15 @@
 hub = Hub().ingestor(ExternalIngestor("k8s", "127.0.0.1:9001")).build()
 hub = Hub(resolver=RegistryResolver(registry)).build()   # every registered source
 events = hub.ingest(IngestContext("k8s"), raw)
+result = hub.ingest_with_errors(IngestContext("k8s"), raw)   # .events and .errors
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+
+from prometheus_client import CollectorRegistry
 
 from ingestor import _loop
 from ingestor._closing import Closing
@@ -17,7 +20,9 @@ from ingestor.breaker import BreakerSettings
 from ingestor.context import IngestContext
 from ingestor.errors import PluginError
 from ingestor.external import DEFAULT_CONNECT_TIMEOUT, DEFAULT_INGEST_TIMEOUT, ExternalIngestor
+from ingestor.metrics import gateway_metrics
 from ingestor.resolver import RegistryResolver
+from ingestor.result import IngestResult
 from registry.wire import event_pb
 
 
@@ -33,8 +38,13 @@ class Hub(Closing):
     The hub owns its ingestors, static and dynamic, and closes them; it does not own
     ``resolver``. Thread rules as :class:`ExternalIngestor`.
 
+    ``metrics``: a CollectorRegistry its dynamic ingestors report on, and the hub its
+    payloads for no known source (:mod:`ingestor.metrics`); give static ingestors
+    their own ``metrics``.
+
     Raises (constructor):
-        ValueError: a limit is out of range.
+        ValueError: a limit is out of range, or ``metrics`` holds other families of
+            the gateway's names.
     """
 
     def __init__(
@@ -46,8 +56,11 @@ class Hub(Closing):
         breaker: BreakerSettings | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_events: int = DEFAULT_MAX_EVENTS,
+        metrics: CollectorRegistry | None = None,
     ) -> None:
         self.resolver = resolver
+        self.metrics = metrics
+        self._metrics = gateway_metrics(metrics)
         self.connect_timeout = connect_timeout
         self.ingest_timeout = ingest_timeout
         self.breaker = breaker
@@ -113,12 +126,28 @@ class Hub(Closing):
         """Route ``data`` by ``ctx.source`` and ingest it; the events.
 
         Raises:
-            PluginError: no route for ``ctx.source`` (and as :meth:`route_async`).
-            PluginConnectionError, PluginTransformError: as ExternalIngestor.ingest_async.
+            As :meth:`ingest_with_errors_async`.
         Cancellation cancels the RPC in flight.
         """
-        ingestor = await self.route_async(ctx.source)
-        return await ingestor.ingest_async(ctx, data)
+        return (await self.ingest_with_errors_async(ctx, data)).events
+
+    async def ingest_with_errors_async(self, ctx: IngestContext, data: bytes) -> IngestResult:
+        """Route ``data`` by ``ctx.source`` and ingest it; the events and per-record errors.
+
+        Raises:
+            PluginError: no route for ``ctx.source`` (and as :meth:`route_async`).
+            PluginConnectionError, PluginTransformError: as
+                ExternalIngestor.ingest_with_errors_async.
+        Cancellation cancels the RPC in flight.
+        """
+        self._check_usable()  # misuse is not counted as a payload without a route
+        try:
+            ingestor = await self.route_async(ctx.source)
+        except PluginError as exc:
+            if self._metrics is not None:
+                self._metrics.unrouted(exc)
+            raise
+        return await ingestor.ingest_with_errors_async(ctx, data)
 
     def ingest(self, ctx: IngestContext, data: bytes) -> list[event_pb.Event]:
         """Synchronous :meth:`ingest_async`, from any thread without a running loop.
@@ -127,16 +156,29 @@ class Hub(Closing):
             PluginError: called on a thread whose event loop is running (use
                 ``await hub.ingest_async`` there); and as :meth:`ingest_async`.
         """
+        return self._ingest_sync(ctx, data, "ingest").events
+
+    def ingest_with_errors(self, ctx: IngestContext, data: bytes) -> IngestResult:
+        """Synchronous :meth:`ingest_with_errors_async` (thread rules as :meth:`ingest`).
+
+        Raises:
+            PluginError: called on a thread whose event loop is running (use
+                ``await hub.ingest_with_errors_async`` there); and as
+                :meth:`ingest_with_errors_async`.
+        """
+        return self._ingest_sync(ctx, data, "ingest_with_errors")
+
+    def _ingest_sync(self, ctx: IngestContext, data: bytes, method: str) -> IngestResult:
         budget = 2 * (self.connect_timeout + self.ingest_timeout) + 1
         for ingestor in self._static.values():
             budget = max(budget, 2 * (ingestor.connect_timeout + ingestor.ingest_timeout) + 1)
         if self.resolver is not None:
             budget += self.resolver.connect_timeout
         return _loop.run_sync(
-            lambda: self.ingest_async(ctx, data),
+            lambda: self.ingest_with_errors_async(ctx, data),
             timeout=budget,
-            what="Hub.ingest",
-            instead="hub.ingest_async(ctx, data)",
+            what=f"Hub.{method}",
+            instead=f"hub.{method}_async(ctx, data)",
         )
 
     def close(self) -> None:
@@ -171,6 +213,7 @@ class Hub(Closing):
                     breaker=self.breaker,
                     max_response_bytes=self.limits.max_response_bytes,
                     max_events=self.limits.max_events,
+                    metrics=self.metrics,
                 )
                 self._dynamic[source] = ingestor
             return ingestor

@@ -9,7 +9,17 @@ registers (retrying with backoff and jitter while the registry is unreachable,
 serving meanwhile), heartbeats at the interval the registry returns, and registers
 again whenever a heartbeat is not acknowledged (the registry restarted with a fresh
 database, or the lease lapsed). ``stop(grace)`` unregisters first, so the gateway
-stops routing here, then stops the server, letting calls in flight finish.
+stops routing here, then stops the server, letting calls in flight finish;
+``hurry()`` (a second SIGTERM, in ``run_plugin``) cuts the phase under way short,
+but never skips the unregister.
+
+Drain (SPEC §9): an operator may take this instance out of routing (DRAINING). The
+registry still acknowledges its heartbeats, so it keeps its id and does not register
+again; the host learns of it with one GetPlugin after each acknowledged heartbeat
+(bounded by half an interval, so it never delays the next), exposes it as
+:attr:`PluginHost.drained` and calls ``on_drain(True)``, then ``on_drain(False)`` when
+undrained. A principal without the ``read`` scope cannot ask: the host then says so
+once in the log and :attr:`~PluginHost.drained` stays False.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import enum
 import logging
 import random
 import socket
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +37,7 @@ from typing import Any
 import grpc
 
 from registry.client import DEFAULT_REGISTRY, RegistryClient, dial_target, parse_addresses
-from registry.errors import InvalidArgument, RegistryError, RegistryUnavailable
+from registry.errors import InvalidArgument, NotFound, RegistryError, RegistryUnavailable
 from registry.lifecycle import AsyncService
 from registry.sdk.handlers import (
     EmitFn,
@@ -141,6 +151,9 @@ class PluginHost(AsyncService):
     ``token`` (a bearer token) and ``tls`` (the TLS files to reach the registry with,
     not this plugin's own server) go to its :class:`~registry.client.RegistryClient`.
 
+    ``on_drain(drained)`` is called on the host's loop when an operator drains this
+    instance (True) or undrains it (False); it must not block (see the module docstring).
+
     ``lease_ttl_seconds=0`` takes the registry's default lease. ``grace`` is how long
     :meth:`stop` lets calls in flight finish. Thread rules: a host belongs to the event
     loop that starts it; plain (non-async) handlers run in its pool of ``max_workers``
@@ -175,6 +188,7 @@ class PluginHost(AsyncService):
         server_options: Iterable[tuple[str, Any]] = (),
         token: str | None = None,
         tls: TlsFiles | None = None,
+        on_drain: Callable[[bool], object] | None = None,
     ) -> None:
         ingest = ingest or getattr(plugin, "ingest", None)
         emit = emit or getattr(plugin, "emit", None)
@@ -198,6 +212,10 @@ class PluginHost(AsyncService):
         self._server_options = list(server_options)
         self._token = token
         self._tls = tls
+        self._on_drain = on_drain
+        self._drained = False
+        # False once the registry refused to tell this instance its own status.
+        self._drain_readable = True
         self._new_client()  # a token in clear or unusable TLS files fail now, not later
         # The registry's own checks, done here so that a mistake fails at once.
         registration_from_request(self._request("127.0.0.1:1"), default_ttl=30)
@@ -216,11 +234,21 @@ class PluginHost(AsyncService):
         self._failure: InvalidArgument | None = None
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()  # start and stop run one at a time
+        self._hurry_unregister = False  # hurried before the unregister began
+        self._unregister_scope: asyncio.Timeout | None = None
+        self._stopping_server: grpc.aio.Server | None = None
+        self._cut: asyncio.Future[None] | None = None
 
     @property
     def address(self) -> str:
         """The address registered: ``advertise``, or the one bound. Empty before start."""
         return self._address
+
+    @property
+    def drained(self) -> bool:
+        """Whether the registry holds this instance DRAINING, as last seen (see the
+        module docstring). A new registration starts undrained."""
+        return self._drained
 
     @property
     def plugin_id(self) -> str | None:
@@ -277,8 +305,9 @@ class PluginHost(AsyncService):
 
         ``grace=None`` uses the host's. Idempotent and safe before ``start``; concurrent
         calls return when the first has finished. A failed Unregister is logged (the
-        lease then lapses on its own). Cancelled while unregistering, it still stops
-        the server and releases its threads before the CancelledError propagates.
+        lease then lapses on its own). :meth:`hurry` cuts it short. Cancelled while
+        unregistering, it still stops the server and releases its threads before the
+        CancelledError propagates.
         """
         async with self._lock:
             if self._state is _State.STOPPED:
@@ -287,16 +316,38 @@ class PluginHost(AsyncService):
             self._changed.set()
             try:
                 if started:
-                    await self._unregister()
+                    await self._unregister_in_time()
             finally:
                 server, self._server = self._server, None
                 try:
                     if server is not None:
-                        await server.stop(self.grace if grace is None else grace)
+                        await self._stop_server(server, self.grace if grace is None else grace)
                 finally:
                     self._shutdown_pools()
                     if self._client is not None:
                         await self._client.close()
+
+    def hurry(self) -> None:
+        """Cut the phase of :meth:`stop` under way short (what a second signal does).
+
+        Before or during the unregister: what is left of it gets the host's ``grace``
+        seconds at most, so a slow registry cannot hold the process; the Unregister
+        still goes out, as it is what keeps a stopped plugin out of the registry.
+        Once unregistered: calls in flight are cancelled instead of getting the rest
+        of their grace. So a signal sent twice at once (``timeout`` signals both the
+        process and its group) bounds the unregister and leaves the calls their
+        grace; one sent later ends them. Idempotent per phase; call it on the host's
+        event loop.
+        """
+        if self._stopping_server is not None:
+            if self._cut is None:
+                log.warning("plugin %s: cancelling the calls in flight", self.info.name)
+                # gRPC keeps the most restrictive grace of concurrent stops.
+                self._cut = asyncio.ensure_future(self._stopping_server.stop(0))
+        elif self._unregister_scope is not None:
+            self._bound_unregister(self._unregister_scope)
+        elif self._state is not _State.STOPPED:
+            self._hurry_unregister = True
 
     async def wait_registered(self) -> str:
         """Wait until the registry has accepted this instance and return its id.
@@ -357,6 +408,7 @@ class PluginHost(AsyncService):
             try:
                 response = await self._register()
                 self._set_plugin_id(response.plugin_id)
+                self._set_drained(False)  # a new instance is in routing
                 log.info(
                     "plugin %s registered as %s (heartbeat every %ss)",
                     self.info.name,
@@ -458,6 +510,42 @@ class PluginHost(AsyncService):
             if failures:
                 log.info("heartbeat of %s acknowledged again", plugin_id)
             delay, delays, failures = interval, self._backoff.delays(), 0
+            await self._check_drained(plugin_id, within=interval / 2)
+
+    async def _check_drained(self, plugin_id: str, *, within: float) -> None:
+        """Ask the registry whether it drained this instance; at most ``within`` seconds."""
+        if not self._drain_readable or self._client is None:
+            return
+        try:
+            async with asyncio.timeout(within):
+                plugin = await self._client.get_plugin(plugin_id)
+        except (TimeoutError, RegistryUnavailable, NotFound):
+            return  # asked again after the next heartbeat, which tells if it is gone
+        except RegistryError as exc:
+            # No "read" scope, or a registry without GetPlugin: asking again cannot help.
+            self._drain_readable = False
+            log.info(
+                "plugin %s cannot read its own status, so a drain goes unnoticed here: %s",
+                self.info.name,
+                exc,
+            )
+            return
+        self._set_drained(plugin.status == pb.PLUGIN_STATUS_DRAINING)
+
+    def _set_drained(self, drained: bool) -> None:
+        if drained == self._drained:
+            return
+        self._drained = drained
+        log.info(
+            "plugin %s %s",
+            self.info.name,
+            "drained: out of routing, still registered" if drained else "back in routing",
+        )
+        if self._on_drain is not None:
+            try:
+                self._on_drain(drained)
+            except Exception:
+                log.exception("on_drain of plugin %s failed", self.info.name)
 
     async def _reset_client(self, exc: BaseException) -> None:
         """Start from a new channel after an unreachable registry.
@@ -482,6 +570,42 @@ class PluginHost(AsyncService):
             addresses, timeout=self._registry_timeout, token=self._token, tls=self._tls
         )
 
+    async def _unregister_in_time(self) -> None:
+        """Unregister; once hurried, within the grace (then the lease lapses instead)."""
+        try:
+            async with asyncio.timeout(None) as scope:
+                self._unregister_scope = scope
+                if self._hurry_unregister:
+                    self._bound_unregister(scope)
+                await self._unregister()
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            log.warning(
+                "plugin %s: unregistering took longer than the %gs grace (its lease will lapse)",
+                self.info.name,
+                self.grace,
+            )
+        finally:
+            self._unregister_scope = None
+
+    def _bound_unregister(self, scope: asyncio.Timeout) -> None:
+        if scope.when() is None:
+            log.info("plugin %s: unregistering within %gs at most", self.info.name, self.grace)
+            scope.reschedule(asyncio.get_running_loop().time() + self.grace)
+
+    async def _stop_server(self, server: grpc.aio.Server, grace: float) -> None:
+        """Stop ``server``, letting calls in flight have ``grace`` (:meth:`hurry` cuts it)."""
+        self._stopping_server = server
+        log.info("plugin %s: stopping its server (grace %gs)", self.info.name, grace)
+        try:
+            await server.stop(grace)
+        finally:
+            self._stopping_server = None
+            cut, self._cut = self._cut, None
+            if cut is not None:
+                await cut
+
     async def _unregister(self) -> None:
         task, self._task = self._task, None
         if task is not None:
@@ -491,7 +615,11 @@ class PluginHost(AsyncService):
         pending, self._pending = self._pending, None
         if pending is not None:
             # A Register still in flight may yet succeed: its id must go too.
-            await asyncio.wait([pending])
+            try:
+                await asyncio.wait([pending])
+            except asyncio.CancelledError:
+                pending.cancel()  # out of time: the lease of what it registers lapses
+                raise
             if not pending.cancelled() and pending.exception() is None:
                 ids.append(pending.result().plugin_id)
         self._set_plugin_id(None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,8 @@ from registry.wire import pb
 REGISTRY_ENV = "POLKU_REGISTRY"
 TOKEN_ENV = "POLKU_REGISTRY_TOKEN"
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+log = logging.getLogger(__name__)
 
 
 def run_plugin(
@@ -44,8 +47,11 @@ def run_plugin(
     else ``127.0.0.1:50051``;
     ``token=None`` reads ``POLKU_REGISTRY_TOKEN`` (unset or empty: no token). On the
     first signal the plugin unregisters, then stops serving, letting calls in flight
-    finish within ``grace`` seconds; a second signal acts as it would by default.
-    Call it from the main thread of a program that has no event loop running.
+    finish within ``grace`` seconds. A further signal hurries the stop but never skips
+    the unregister: while unregistering, what is left of it gets ``grace`` seconds
+    at most; once unregistered, calls in flight are cancelled instead of waited for
+    (:meth:`PluginHost.hurry`). Call it from the main thread of a program that has
+    no event loop running.
 
     Raises:
         ValueError, InvalidArgument: at once, for what the registry would refuse.
@@ -76,6 +82,10 @@ def run_plugin(
 async def serve_until_signalled(host: PluginHost) -> None:
     """Run ``host`` until SIGTERM or SIGINT, then stop it (unregister, then drain).
 
+    The signals stay handled until the stop has finished: a further one hurries the
+    stop (:meth:`PluginHost.hurry`) rather than killing the process before its
+    Unregister went out, which would leave a stale entry until the lease lapsed.
+
     Raises:
         InvalidArgument: the registry refused the registration for good.
     """
@@ -83,9 +93,13 @@ async def serve_until_signalled(host: PluginHost) -> None:
     signalled = asyncio.Event()
 
     def on_signal(signum: signal.Signals) -> None:
-        for sig in _SIGNALS:  # a second signal is not ours to soften
-            loop.remove_signal_handler(sig)
-        signalled.set()
+        name = host.info.name
+        if not signalled.is_set():
+            log.info("%s: unregistering plugin %s, then stopping", signum.name, name)
+            signalled.set()
+        else:
+            log.info("%s again: hurrying the stop of plugin %s", signum.name, name)
+            host.hurry()
 
     for sig in _SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
