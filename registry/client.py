@@ -436,6 +436,31 @@ class RegistryClient:
         """Remove a plugin; succeeds for ids already gone."""
         await self._call("Unregister", pb.UnregisterRequest(plugin_id=plugin_id))
 
+    async def drain(
+        self, *, plugin_id: str = "", name: str = "", undrain: bool = False
+    ) -> pb.DrainResponse:
+        """Take one instance (``plugin_id``) or every instance of ``name`` out of routing
+        (DRAINING), or put it back with ``undrain=True``. Idempotent.
+
+        The response holds the instances as they are now and the revision of the
+        change (the current one when nothing changed).
+
+        Raises:
+            InvalidArgument: neither or both of ``plugin_id`` and ``name`` (checked
+                here), or one the registry refuses.
+            NotFound: no such instance, or no instance of the name.
+            PermissionDenied: the instances belong to another principal.
+        """
+        if bool(plugin_id) == bool(name):
+            raise InvalidArgument("target", "give exactly one of plugin_id or name")
+        request = (
+            pb.DrainRequest(plugin_id=plugin_id, undrain=undrain)
+            if plugin_id
+            else pb.DrainRequest(name=name, undrain=undrain)
+        )
+        response: pb.DrainResponse = await self._call("Drain", request)
+        return response
+
     async def get_plugin(self, plugin_id: str) -> pb.RegisteredPlugin:
         """One plugin. Raises NotFound for an unknown id."""
         plugin: pb.RegisteredPlugin = await self._call(
@@ -451,14 +476,20 @@ class RegistryClient:
         statuses: Iterable[int] = (),
         name: str = "",
         page_size: int = 0,
+        label_selector: str = "",
     ) -> list[pb.RegisteredPlugin]:
-        """Every matching plugin, following pages to the end."""
+        """Every matching plugin, following pages to the end.
+
+        ``label_selector``: e.g. ``"zone=a,!canary"`` (SPEC §1.3); bad syntax raises
+        InvalidArgument naming ``label_selector``.
+        """
         request = pb.ListPluginsRequest(
             type=cast(pb.PluginType, type),
             source=source,
             statuses=[cast(pb.PluginStatus, s) for s in statuses],
             name=name,
             page_size=page_size,
+            label_selector=label_selector,
         )
         plugins: list[pb.RegisteredPlugin] = []
         while True:
@@ -468,12 +499,17 @@ class RegistryClient:
                 return plugins
             request.page_token = response.next_page_token
 
-    async def resolve(self, *, source: str = "", emitter_name: str = "") -> pb.ResolveResponse:
-        """The routable endpoints of a source or an emitter name."""
+    async def resolve(
+        self, *, source: str = "", emitter_name: str = "", label_selector: str = ""
+    ) -> pb.ResolveResponse:
+        """The routable endpoints of a source or an emitter name.
+
+        ``label_selector`` keeps those whose labels match (all, when empty).
+        """
         request = (
-            pb.ResolveRequest(emitter_name=emitter_name)
+            pb.ResolveRequest(emitter_name=emitter_name, label_selector=label_selector)
             if emitter_name
-            else pb.ResolveRequest(source=source)
+            else pb.ResolveRequest(source=source, label_selector=label_selector)
         )
         response: pb.ResolveResponse = await self._call("Resolve", request)
         return response
@@ -495,9 +531,12 @@ class RegistryClient:
         return status
 
     async def watch(
-        self, *, since_revision: int = 0, sources: Iterable[str] = ()
+        self, *, since_revision: int = 0, sources: Iterable[str] = (), label_selector: str = ""
     ) -> AsyncIterator[pb.WatchResponse]:
         """Changes as they happen: a snapshot (unless resuming), then one message a change.
+
+        ``sources`` and ``label_selector`` narrow the stream; a plugin that stops
+        matching comes as removed.
 
         The stream is opened on :attr:`current_address` and does not fail over by
         itself; when it ends ``UNAVAILABLE`` the current address moves on, so the next
@@ -509,7 +548,11 @@ class RegistryClient:
         """
         index = self._current
         call = self.stub.Watch(
-            pb.WatchRequest(since_revision=since_revision, sources=list(sources))
+            pb.WatchRequest(
+                since_revision=since_revision,
+                sources=list(sources),
+                label_selector=label_selector,
+            )
         )
         try:
             async for message in call:

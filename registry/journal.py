@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from registry.catalog import OwnershipChange
@@ -38,8 +39,11 @@ class Journal:
         retain: int,
         on_committed: Callable[[list[Change]], None],
         on_failed: Callable[[StoreError], Awaitable[None]],
+        on_write: Callable[[float, int], None] | None = None,
     ) -> None:
+        """``on_write(seconds, records)`` hears of every successful commit (metrics)."""
         self._store = store
+        self._on_write = on_write
         self._flush_interval = flush_interval
         self._on_committed = on_committed
         self._on_failed = on_failed
@@ -142,6 +146,7 @@ class Journal:
     async def _write_staged(self) -> None:
         batch, self._batch = self._batch, self._new_batch(self._batch.revision)
         waiters, self._waiters = self._waiters, []
+        started = time.perf_counter()
         try:
             if batch:
                 await self._store.write(batch)
@@ -153,8 +158,20 @@ class Journal:
                 if not waiter.done():
                     waiter.set_exception(failure)
             raise
+        if batch and self._on_write is not None:
+            _report(self._on_write, time.perf_counter() - started, batch)
         if batch.changes:
             self._on_committed(batch.changes)
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+
+def _report(on_write: Callable[[float, int], None], seconds: float, batch: Batch) -> None:
+    """Tell ``on_write`` of a commit: its time, and the records it wrote."""
+    records = len(batch.upserts) + len(batch.touches) + len(batch.removals)
+    records += len(batch.owners) + len(batch.claims)
+    try:
+        on_write(seconds, records)
+    except Exception:  # a metric must never stop the writer
+        log.exception("journal on_write hook failed")

@@ -28,7 +28,8 @@ from grpc_reflection.v1alpha import reflection
 from registry import convert
 from registry.errors import InvalidArgument, RegistryError, RegistryUnavailable, StoreError
 from registry.lifecycle import AsyncService
-from registry.migrate import upgrade
+from registry.metrics import RegistryMetrics
+from registry.migrate import describe, upgrade
 from registry.model import PluginStatus
 from registry.poller import CheckSettings, HealthChecker
 from registry.reaper import LeaseReaper
@@ -40,6 +41,7 @@ from registry.service import RegistryService
 from registry.settings import RegistrySettings, default_database_url, is_loopback
 from registry.state import RegistryState
 from registry.store import SqlStore
+from registry.transitions import TransitionLog
 from registry.trust.addresses import AddressPolicy, HostResolver, SystemResolver
 from registry.trust.auth import AuthInterceptor, CallerLimits
 from registry.trust.dial import PluginCredentials
@@ -78,6 +80,8 @@ class RegistryServer(AsyncService):
         self.resolver = resolver or SystemResolver()
         self.policy: PolicyHolder | None = None
         self.port = 0
+        self.metrics_port = 0
+        self._metrics: RegistryMetrics | None = None
         self._store: SqlStore | None = None
         self._db_lock: DatabaseLock | None = None
         self._state: RegistryState | None = None
@@ -92,7 +96,10 @@ class RegistryServer(AsyncService):
 
     @property
     def address(self) -> str:
-        """``host:port`` it listens on (the real port when started on port 0)."""
+        """``host:port`` it listens on (the real port when started on port 0), or the
+        ``unix:`` path it was given."""
+        if self.settings.listen.startswith("unix:"):
+            return self.settings.listen
         host = self.settings.listen.rpartition(":")[0] or "127.0.0.1"
         return f"{host}:{self.port}"
 
@@ -102,6 +109,11 @@ class RegistryServer(AsyncService):
         if self._checker is None:
             raise RegistryError("the registry server is not started")
         return self._checker
+
+    @property
+    def metrics(self) -> RegistryMetrics | None:
+        """The metrics (served on ``metrics_port``) when ``metrics_listen`` is set."""
+        return self._metrics
 
     @property
     def state(self) -> RegistryState:
@@ -123,8 +135,12 @@ class RegistryServer(AsyncService):
         settings = self.settings
         trust = self._trust()
         state = await self._open_database()
+        metrics = self._metrics = RegistryMetrics() if settings.metrics_listen else None
+        if metrics is not None:
+            state.on_write = metrics.committed
         messages = convert.MessageCache()
         state.subscribe(messages.forget, on_reset=messages.clear)
+        TransitionLog(state, deregister_after=settings.deregister_after).subscribe()
         self._hub = WatchHub(
             state,
             messages,
@@ -144,14 +160,18 @@ class RegistryServer(AsyncService):
                 address_policy=trust.addresses,
                 resolver=self.resolver,
                 plugin_tls=trust.plugin_tls,
+                on_check=metrics.health_checked if metrics is not None else None,
             ),
         )
         self._reaper = LeaseReaper(
             state, deregister_after=settings.deregister_after, tick=settings.reap_interval
         )
 
+        if metrics is not None and not self._store_replicated:
+            metrics.track(state, self._hub, self._leadership)  # its view is loaded: count it
         server = grpc.aio.server(
-            interceptors=[trust.interceptor],
+            # Metrics first: they count the calls the trust interceptor refuses, too.
+            interceptors=[*([metrics.interceptor] if metrics else []), trust.interceptor],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", 256 * 1024 * 1024),
@@ -167,6 +187,14 @@ class RegistryServer(AsyncService):
             await self.stop()
             raise RegistryError(f"cannot listen on {settings.listen}: {exc}") from exc
         self._server = server
+        if metrics is not None and settings.metrics_listen:
+            try:
+                self.metrics_port = await metrics.serve(settings.metrics_listen)
+            except RegistryError:
+                await self.stop()
+                raise
+            host = settings.metrics_listen.rpartition(":")[0] or "0.0.0.0"
+            log.info("metrics served at http://%s:%d/metrics", host, self.metrics_port)
         replication = self._replication = (
             self._replicate(state, trust) if self._store_replicated else None
         )
@@ -179,6 +207,7 @@ class RegistryServer(AsyncService):
             resolver=self.resolver,
             replication=replication,
             status=replication.status if replication is not None else self._single_status,
+            metrics=metrics,
         )
         pb_grpc.add_PluginRegistryServicer_to_server(service, server)
         policy = self.policy
@@ -203,6 +232,8 @@ class RegistryServer(AsyncService):
         try:
             if replication is not None:
                 await replication.start()  # leads at once (on_lead) if the lease is free
+                if metrics is not None:  # the follower's view is loaded now
+                    metrics.track(state, self._hub, self._leadership)
             else:
                 await self._lead()
         except BaseException:
@@ -214,12 +245,15 @@ class RegistryServer(AsyncService):
         self._tasks.append(asyncio.create_task(self._hub.load_history(), name="registry-history"))
         warm = messages.warm(list(state.view))
         self._tasks.append(asyncio.create_task(warm, name="registry-warm-messages"))
+        database = describe(self._store.engine) if self._store is not None else "-"
         log.info(
-            "registry serving on %s%s (revision %d, %s)",
+            "registry serving on %s%s (database %s, revision %d, %s)",
             self.address,
             " with TLS" if trust.credentials is not None else "",
+            database,
             state.view.revision,
             "auth policy " + str(settings.auth_policy) if settings.secured else "open mode",
+            extra={"listen": self.address, "database": database},
         )
         if not settings.secured and not is_loopback(settings.listen):
             log.warning(
@@ -233,6 +267,8 @@ class RegistryServer(AsyncService):
         """The address other replicas and clients reach this one at."""
         if self.settings.advertise:
             return self.settings.advertise
+        if self.settings.listen.startswith("unix:"):
+            return self.settings.listen
         host = self.settings.listen.rpartition(":")[0]
         if host in ("", "0.0.0.0", "[::]", "::"):
             host = socket.gethostname()
@@ -277,6 +313,13 @@ class RegistryServer(AsyncService):
         for actor in (self._reaper, self._checker):
             if actor is not None:
                 await actor.stop()
+
+    def _leadership(self) -> tuple[bool, int]:
+        """``(leading, epoch)`` for the metrics: one SQLite registry always leads."""
+        replication = self._replication
+        if replication is None:
+            return True, 0
+        return replication.leading, replication.election.epoch
 
     async def _single_status(self) -> pb.RegistryStatus:
         """GetStatus of the one registry an SQLite file holds."""
@@ -414,6 +457,8 @@ class RegistryServer(AsyncService):
         Idempotent and safe before ``start``.
         """
         await self._health.enter_graceful_shutdown()
+        if self._metrics is not None:
+            await self._metrics.close()  # first: a stopping registry reports nothing more
         replication, self._replication = self._replication, None
         if replication is not None:
             # First: the lease goes to another replica while this one drains its calls.

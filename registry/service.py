@@ -17,7 +17,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
@@ -33,6 +33,7 @@ from registry.errors import (
     StoreError,
     Unauthenticated,
 )
+from registry.labels import parse_selector
 from registry.model import Principal
 from registry.replica.forward import REVISION_KEY
 from registry.replica.node import Replication
@@ -56,6 +57,9 @@ from registry.validation import (
 )
 from registry.watch import WatchHub
 from registry.wire import pb, pb_grpc
+
+if TYPE_CHECKING:
+    from registry.metrics import RegistryMetrics
 
 log = logging.getLogger(__name__)
 # Every accepted write: who, from where, what (SPEC §6 "Audit").
@@ -180,6 +184,7 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         resolver: HostResolver,
         replication: Replication | None = None,
         status: Callable[[], Awaitable[pb.RegistryStatus]] | None = None,
+        metrics: RegistryMetrics | None = None,
     ) -> None:
         self._state = state
         self._replication = replication
@@ -189,6 +194,7 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         self._settings = settings
         self._address_policy = address_policy
         self._resolver = resolver
+        self._metrics = metrics
         self._max_instances = int(
             settings.per_principal(settings.max_instances_per_principal, POLICY_MAX_INSTANCES)
         )
@@ -293,9 +299,13 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
     ) -> pb.HeartbeatResponse:
         follower = self._follower()
         if follower is not None:
-            return await self._follower_heartbeat(follower, request, context)
-        _, plugin_id = self._instance(request.plugin_id)
-        return pb.HeartbeatResponse(acknowledged=self._state.heartbeat(plugin_id) is not None)
+            answer = await self._follower_heartbeat(follower, request, context)
+        else:
+            _, plugin_id = self._instance(request.plugin_id)
+            answer = pb.HeartbeatResponse(acknowledged=self._state.heartbeat(plugin_id) is not None)
+        if self._metrics is not None:
+            self._metrics.heartbeat(answer.acknowledged)
+        return answer
 
     async def _follower_heartbeat(
         self,
@@ -342,6 +352,53 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         return Empty()
 
     @_status_mapped
+    async def Drain(
+        self, request: pb.DrainRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DrainResponse:
+        """Take one instance (``plugin_id``), or every instance of a ``name``, out of
+        routing, or put it back (``undrain``): one revision for all that changed.
+
+        By name, the instances held now; one registered later is not drained.
+        Idempotent: a drain that changes nothing makes no revision (the response
+        names the current one) and no audit line.
+        """
+        limits = self._settings.limits
+        target = request.WhichOneof("target")
+        principal = current_principal()
+        if target == "plugin_id":
+            principal, plugin_id = self._instance(request.plugin_id)
+            name = ""
+        elif target == "name":
+            plugin_id, name = "", check_plugin_name("name", request.name, limits)
+            self._state.check_name_access(principal, name)
+        else:
+            raise InvalidArgument("target", "set plugin_id or name")
+        follower = self._follower()
+        if follower is not None:
+            answer: pb.DrainResponse = await self._forward(follower, "Drain", request, context)
+            return answer
+        if name:
+            plugin_ids = self._state.instances_of(name)
+            if not plugin_ids:
+                raise NotFound(f"name: no instance of plugin {name!r} is registered")
+        else:
+            held = self._state.catalog.get(plugin_id)
+            if held is None:
+                raise NotFound(f"plugin_id: no plugin {plugin_id!r} is registered")
+            name, plugin_ids = held.name, [plugin_id]
+        revision = await self._state.drain(plugin_ids, drained=not request.undrain)
+        view = self._state.view
+        plugins = [p for p in map(view.get, plugin_ids) if p is not None]
+        if revision:
+            changed = ",".join(p.plugin_id for p in plugins if p.revision == revision)
+            action = "undrain" if request.undrain else "drain"
+            _audit(context, principal, action, name, f"id={changed} revision={revision}")
+        self._name_revision(context, revision or view.revision)
+        return pb.DrainResponse(
+            plugins=[self._messages.get(p) for p in plugins], revision=revision or view.revision
+        )
+
+    @_status_mapped
     async def Release(
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseResponse:
@@ -378,6 +435,7 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
             source=request.source,
             statuses=status_filter(request.statuses),
             name=request.name,
+            labels=parse_selector(request.label_selector, self._settings.limits),
             after=_after(request.page_token),
         )
         page: list[bytes] = []
@@ -407,6 +465,7 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
     async def Resolve(
         self, request: pb.ResolveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResolveResponse:
+        selector = parse_selector(request.label_selector, self._settings.limits)
         target = request.WhichOneof("target")
         if target == "source" and request.source:
             plugins = self._state.view.by_source(request.source)
@@ -415,7 +474,11 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         else:
             raise InvalidArgument("target", "set source or emitter_name")
         return pb.ResolveResponse(
-            endpoints=[convert.endpoint(p) for p in plugins if p.routable],
+            endpoints=[
+                convert.endpoint(p)
+                for p in plugins
+                if p.routable and (not selector or selector.matches(p.registration.labels))
+            ],
             revision=self._state.view.revision,
         )
 
@@ -434,7 +497,8 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
             if request.since_revision < 0:
                 raise InvalidArgument("since_revision", "must not be negative")
             sources = check_sources("sources", request.sources, self._settings.limits)
+            selector = parse_selector(request.label_selector, self._settings.limits)
         except InvalidArgument as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        async for message in self._hub.stream(request.since_revision, frozenset(sources)):
+        async for message in self._hub.stream(request.since_revision, frozenset(sources), selector):
             yield message

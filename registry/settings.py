@@ -33,6 +33,26 @@ def is_loopback(listen: str) -> bool:
         return False
 
 
+def split_listen(listen: str) -> tuple[str, int]:
+    """``(host, port)`` of ``host:port`` (``[::1]:9090``; an empty host is every address).
+
+    Raises:
+        ValueError: not ``host:port`` with a port from 0 to 65535.
+    """
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535 or "/" in host:
+        raise ValueError(f"{listen!r} is not host:port")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _is_host_port(listen: str) -> bool:
+    try:
+        split_listen(listen)
+    except ValueError:
+        return False
+    return True
+
+
 def default_database_url() -> str:
     """The embedded default: an SQLite file under the user's data directory."""
     base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
@@ -102,6 +122,9 @@ class RegistrySettings:
     cluster_token: str | None = None
     # How often a replica's change pump polls when no NOTIFY woke it.
     replica_poll_interval: float = 1.0
+    # -- operations (SPEC §9) --
+    # ``host:port`` to serve Prometheus metrics on (GET /metrics); None: not served.
+    metrics_listen: str | None = None
 
     @property
     def replicated(self) -> bool:
@@ -149,6 +172,10 @@ class RegistrySettings:
             "max_connections_per_peer": (self.max_connections_per_peer >= 1, "must be at least 1"),
             "leader_lease": (0.5 <= self.leader_lease <= 300, "must be from 0.5 to 300 seconds"),
             "replica_poll_interval": (self.replica_poll_interval > 0, "must be positive"),
+            "metrics_listen": (
+                self.metrics_listen is None or _is_host_port(self.metrics_listen),
+                "must be host:port (port 0 to 65535)",
+            ),
             "cluster_token": (
                 self.cluster_token is None or 16 <= len(self.cluster_token) <= 512,
                 "must be 16 to 512 characters",
