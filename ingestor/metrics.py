@@ -42,25 +42,11 @@ from ingestor.breaker import BreakerState
 from ingestor.context import IngestContext
 from ingestor.errors import PluginConnectionError, PluginError, PluginTransformError
 from ingestor.result import IngestResult
+from registry.metrics import LATENCY_BUCKETS as REGISTRY_BUCKETS
 
 PREFIX = "polku_gateway_"
-LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
+# The registry's buckets, and one more: an ingest may wait out a long deadline.
+LATENCY_BUCKETS = (*REGISTRY_BUCKETS, 30.0)
 BREAKER_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 

@@ -32,7 +32,7 @@ import collections
 import inspect
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -40,6 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from registry.errors import RegistryError
+from registry.interception import WrappingInterceptor, handler_parts
 from registry.model import Change, Plugin, PluginStatus, PluginType
 from registry.settings import split_listen
 
@@ -68,8 +69,6 @@ LATENCY_BUCKETS = (
     10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384)
-# A wrapped handler per method; a server registers few methods, this is a safety bound.
-_MAX_CACHED = 1024
 
 Leadership = Callable[[], tuple[bool, int]]
 _Key = tuple[PluginStatus, PluginType]
@@ -374,7 +373,7 @@ class _Live:
         return self.leader is not None
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class MetricsInterceptor(WrappingInterceptor):
     """Counts every RPC by service, method and status code, and times it.
 
     Put it first among the server's interceptors, so that it also sees the calls the
@@ -385,37 +384,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """
 
     def __init__(self, metrics: RegistryMetrics) -> None:
+        super().__init__()
         self._rpcs = metrics.rpcs
         self._seconds = metrics.rpc_seconds
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method: str = handler_call_details.method
-        cached = self._wrapped.get(method)
-        # Generic handlers hand out the same handler object per method every time.
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        if len(self._wrapped) < _MAX_CACHED or method in self._wrapped:
-            self._wrapped[method] = (handler, wrapped)
-        return wrapped
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        if handler.unary_unary is not None:
-            factory, behaviour = grpc.unary_unary_rpc_method_handler, handler.unary_unary
-        elif handler.unary_stream is not None:
-            factory, behaviour = grpc.unary_stream_rpc_method_handler, handler.unary_stream
-        elif handler.stream_unary is not None:
-            factory, behaviour = grpc.stream_unary_rpc_method_handler, handler.stream_unary
-        else:
-            factory, behaviour = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+        factory, behaviour = handler_parts(handler)
         service, _, name = method.lstrip("/").rpartition("/")
         timed = self._timed(_Ended(self._rpcs, self._seconds, service, name), behaviour)
         if timed is None:

@@ -49,7 +49,7 @@ import hmac
 import inspect
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NoReturn
@@ -57,6 +57,7 @@ from urllib.parse import unquote
 
 import grpc
 
+from registry.interception import Behaviour, WrappingInterceptor, handler_parts
 from registry.model import Principal
 from registry.trust.decoding import DecodingGuard
 from registry.trust.limits import BucketsByKey, KeyedCounter, PeerConnections
@@ -100,8 +101,6 @@ POLICY_REGISTER_BURST = 100
 POLICY_MAX_STREAMS = 64
 # How many callers' Register buckets are remembered (least recently used go first).
 _MAX_BUCKETS = 10_000
-# A wrapped handler per method; a server registers few methods, this is a safety bound.
-_MAX_CACHED = 1024
 
 _EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 _UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
@@ -258,10 +257,7 @@ class _Ticket:
         self.origin: contextvars.Token[str | None] | None = None
 
 
-Behaviour = Callable[..., Any]
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(WrappingInterceptor):
     """Turns a bearer token or a verified client certificate into a principal; enforces limits.
 
     ``policy`` is asked on every call (a :class:`~registry.trust.policy.PolicyHolder`
@@ -279,6 +275,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         limits: CallerLimits,
         cluster_token: str | None = None,
     ) -> None:
+        super().__init__()
         self._policy = policy
         self._cluster_token = cluster_token.encode() if cluster_token else None
         self.limits = limits
@@ -287,7 +284,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._peers = PeerConnections(limits.max_connections_per_peer)
         self._secured = _Mode(limits, secured=True)
         self._open = _Mode(limits, secured=False)
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         # Undecodable requests answer INVALID_ARGUMENT once admitted (SPEC §7).
         self.decoding = DecodingGuard(parse_peer)
 
@@ -309,24 +305,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     # -- the interceptor --
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method: str = handler_call_details.method
-        cached = self._wrapped.get(method)
-        # Generic handlers hand out the same handler object per method every time.
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        if len(self._wrapped) < _MAX_CACHED or method in self._wrapped:
-            self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         rule = _Rule(
             method=method,
@@ -335,14 +313,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             register=method == _REGISTER,
             stream=method in _STREAMS,
         )
-        if handler.unary_unary is not None:
-            factory, behaviour = grpc.unary_unary_rpc_method_handler, handler.unary_unary
-        elif handler.unary_stream is not None:
-            factory, behaviour = grpc.unary_stream_rpc_method_handler, handler.unary_stream
-        elif handler.stream_unary is not None:
-            factory, behaviour = grpc.stream_unary_rpc_method_handler, handler.stream_unary
-        else:
-            factory, behaviour = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+        factory, behaviour = handler_parts(handler)
         behaviour, deserializer = self.decoding.wrap(handler, behaviour)
         return factory(
             self._guard(rule, behaviour),
