@@ -1,5 +1,9 @@
 """Subprocess helpers for end-to-end tests: the registry CLI and small client processes.
 
+:func:`cli` runs one client command to completion; :func:`ok` and
+:func:`one_line_error` check how it ended; :class:`Lines` reads a long-running
+command's stream on a thread and waits for a line with a deadline.
+
 The registry runs as ``python -m registry serve --listen 127.0.0.1:0 --db URL``; its
 output (stdout and stderr together) is drained line by line on a thread, so the pipe
 never fills, and the address is read from its ``serving on HOST:PORT`` log line.
@@ -10,26 +14,97 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import IO, Any
+
+import pytest
 
 from registry.wire import pb
 
 SERVING = re.compile(r"serving on (\S+)")
 START_TIMEOUT = 60.0
+CLI = [sys.executable, "-m", "registry"]
+DEADLINE = 30.0  # seconds for a process to start, answer or stop; a bound, never a wait
 
 
-def environment() -> dict[str, str]:
-    """This process's environment without the registry's own settings, unbuffered."""
+def environment(**extra: str) -> dict[str, str]:
+    """This process's environment without the registry's own settings, unbuffered, plus
+    ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLKU_REGISTRY")}
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
     return env
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """One ``polku-registry`` command as a process of its own, ``env`` added to its
+    environment; raises subprocess.TimeoutExpired past DEADLINE."""
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, env=environment(**env), timeout=DEADLINE
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    """The stdout of a command that succeeded and wrote nothing on stderr."""
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert result.stderr == ""
+    return result.stdout
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], status: int = 1) -> str:
+    """The single error line of a failed command; fails on a traceback or more lines."""
+    assert result.returncode == status, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("polku-registry: error: "), lines[0]
+    return lines[0]
+
+
+class Lines:
+    """The lines a process writes to one stream, read by a thread so that the pipe never
+    fills, and waited for with a deadline."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []  # every line so far; complete once the process has exited
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for raw in stream:
+            line = raw.rstrip("\n")
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def expect(self, wanted: Callable[[str], Any], what: str, timeout: float = DEADLINE) -> str:
+        """The next line that ``wanted`` accepts. Fails at the deadline or at EOF."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                self._queue.put(None)  # stay at EOF for later calls
+                pytest.fail(f"the stream ended before {what}; it said: {self.lines}")
+            if wanted(line):
+                return line
+        pytest.fail(f"no {what} within {timeout}s; got: {self.lines}")
+
+    def join(self) -> None:
+        """Wait (up to DEADLINE) for the reader, which ends at the stream's EOF."""
+        self._thread.join(DEADLINE)
 
 
 class RegistryProcess:

@@ -5,94 +5,24 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
 import sqlite3
 import subprocess
-import sys
-import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
+from helpers import CLI, DEADLINE, Lines, cli, environment, ok, one_line_error
 
 from registry.cli import commands as cli_commands
 from registry.cli import main
 
-CLI = [sys.executable, "-m", "registry"]
-DEADLINE = 30.0  # seconds for a process to start, answer or stop; a bound, never a wait
 ULID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1
 DEAD = "127.0.0.1:9"  # where the plugins registered here claim to be: nothing answers
-
-
-def environment(**extra: str) -> dict[str, str]:
-    """This process's environment without any POLKU_REGISTRY* setting, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POLKU_REGISTRY")}
-    env.update(extra)
-    return env
-
-
-def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, env=environment(**env), timeout=DEADLINE
-    )
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    return result.stdout
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], status: int = 1) -> str:
-    """The single error line of a failed command; fails on a traceback or more lines."""
-    assert result.returncode == status, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("polku-registry: error: "), lines[0]
-    return lines[0]
-
-
-class Lines:
-    """The lines a process writes to one stream, read by a thread so that the pipe never
-    fills, and waited for with a deadline."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.lines: list[str] = []  # every line so far; complete once the process has exited
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream: IO[str]) -> None:
-        for raw in stream:
-            line = raw.rstrip("\n")
-            self.lines.append(line)
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def expect(self, wanted: Callable[[str], bool], what: str, timeout: float = DEADLINE) -> str:
-        """The next line that ``wanted`` accepts. Fails at the deadline or at EOF."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._queue.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                self._queue.put(None)  # stay at EOF for later calls
-                pytest.fail(f"the stream ended before {what}; it said: {self.lines}")
-            if wanted(line):
-                return line
-        pytest.fail(f"no {what} within {timeout}s; got: {self.lines}")
-
-    def close(self) -> None:
-        self._thread.join(DEADLINE)
 
 
 class Process:
@@ -125,8 +55,8 @@ class Process:
         if self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait(DEADLINE)
-        self.stdout.close()
-        self.stderr.close()
+        self.stdout.join()
+        self.stderr.join()
         for stream in (self.popen.stdout, self.popen.stderr):
             if stream is not None:
                 stream.close()

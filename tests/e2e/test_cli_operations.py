@@ -9,12 +9,10 @@ on cue.
 from __future__ import annotations
 
 import json
-import queue
 import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -22,50 +20,31 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import grpc
 import pytest
-from helpers import RegistryProcess, environment
+from helpers import (
+    CLI,
+    DEADLINE,
+    Lines,
+    RegistryProcess,
+    cli,
+    environment,
+    ok,
+    one_line_error,
+)
 
 import registry
 from registry import render
 from registry.wire import pb, pb_grpc
 
-CLI = [sys.executable, "-m", "registry"]
-DEADLINE = 30.0  # seconds for a process to start, answer or stop; a bound, never a wait
 ULID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 DEAD = "127.0.0.1:9"  # where the plugins registered here claim to be: nothing answers
 RECONNECT = re.compile(
     r"polku-registry: watch: .+; reconnecting in \S+ to resume "
     r"(after revision (?P<since>\d+)|with a new snapshot)"
 )
-
-
-def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args],
-        capture_output=True,
-        text=True,
-        env={**environment(), **env},
-        timeout=DEADLINE,
-    )
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    return result.stdout
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], status: int = 1) -> str:
-    """The single error line of a failed command; fails on a traceback or more lines."""
-    assert result.returncode == status, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("polku-registry: error: "), lines[0]
-    return lines[0]
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
@@ -76,41 +55,6 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE)
             return result
         time.sleep(0.05)  # a poll interval, not a synchronisation
     pytest.fail(f"no {what} within {timeout}s")
-
-
-class Lines:
-    """The lines a process writes to one stream, read on a thread, awaited with a deadline."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream: IO[str]) -> None:
-        for raw in stream:
-            line = raw.rstrip("\n")
-            self.lines.append(line)
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def expect(self, wanted: Callable[[str], Any], what: str, timeout: float = DEADLINE) -> str:
-        """The next line that ``wanted`` accepts. Fails at the deadline or at EOF."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._queue.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                self._queue.put(None)
-                pytest.fail(f"the stream ended before {what}; it said: {self.lines}")
-            if wanted(line):
-                return line
-        pytest.fail(f"no {what} within {timeout}s; got: {self.lines}")
-
-    def join(self) -> None:
-        self._thread.join(DEADLINE)
 
 
 class Watch:

@@ -11,16 +11,12 @@ import queue
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import RegistryProcess, environment
-
-CLI = [sys.executable, "-m", "registry"]
-DEADLINE = 30.0  # a bound on a process, never a wait
+from helpers import CLI, DEADLINE, RegistryProcess, cli, environment, ok, one_line_error
 
 
 def dead_address() -> str:
@@ -28,30 +24,6 @@ def dead_address() -> str:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return f"127.0.0.1:{port}"
-
-
-def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args],
-        capture_output=True,
-        text=True,
-        env={**environment(), **env},
-        timeout=DEADLINE,
-    )
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    return result.stdout
-
-
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("polku-registry: error: "), lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

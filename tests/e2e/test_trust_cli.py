@@ -11,62 +11,28 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import RegistryProcess
+from helpers import DEADLINE, RegistryProcess, cli, ok, one_line_error
 from trust_helpers import Pki, Who, policy_text, replace_text, write_policy
 
 from registry.client import RegistryClient
 from registry.errors import Unauthenticated
 from registry.testing import eventually
 
-CLI = [sys.executable, "-m", "registry"]
-DEADLINE = 30.0  # seconds for a process to start, answer or stop; a bound, never a wait
 DEAD = "127.0.0.1:9"
 ULID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 
 A = Who("team-a", ("register", "read"), names=("team-a-*",))
 B = Who("team-b", ("register", "read"), names=("*",))
 ADMIN = Who("admin", ("admin",))
-
-
-def environment(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POLKU_REGISTRY")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, env=environment(**env), timeout=DEADLINE
-    )
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, (result.stdout, result.stderr)
-    assert result.stderr == ""
-    return result.stdout
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], status: int = 1) -> str:
-    """The single error line of a failed command; fails on a traceback or more lines."""
-    assert result.returncode == status, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("polku-registry: error: "), lines[0]
-    return lines[0]
 
 
 class Serve(RegistryProcess):

@@ -14,9 +14,8 @@ with a deadline.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import grpc
 import pytest
 from trust_helpers import Who, write_policy
+from watch_helpers import WatchRecorder
 
 from ingestor import RegistryResolver
 from registry.client import RegistryClient
@@ -43,52 +43,6 @@ UNKNOWN, UNHEALTHY, EXPIRED = (
     pb.PLUGIN_STATUS_UNHEALTHY,
     pb.PLUGIN_STATUS_EXPIRED,
 )
-
-
-class Recorder:
-    """One Watch stream read in the background; ``wait`` wakes on every message."""
-
-    def __init__(self, client: RegistryClient) -> None:
-        self._client = client
-        self.messages: list[pb.WatchResponse] = []
-        self._changed = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Recorder:
-        self._task = asyncio.create_task(self._run())
-        await self.wait(lambda: bool(self.messages))  # the snapshot: the stream is live
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _run(self) -> None:
-        async for message in self._client.watch():
-            async with self._changed:
-                self.messages.append(message)
-                self._changed.notify_all()
-
-    def history(self, plugin_id: str) -> list[tuple[int, pb.PluginStatus]]:
-        """(revision, status) of each change of one plugin, snapshots left out."""
-        return [
-            (m.revision, p.status)
-            for m in self.messages
-            if not m.snapshot
-            for p in m.upserted
-            if p.plugin_id == plugin_id
-        ]
-
-    def at(self, revision: int) -> list[pb.WatchResponse]:
-        return [m for m in self.messages if not m.snapshot and m.revision == revision]
-
-    async def wait(self, predicate: Callable[[], bool]) -> None:
-        try:
-            async with asyncio.timeout(DEADLINE), self._changed:
-                await self._changed.wait_for(predicate)
-        except TimeoutError:
-            raise AssertionError(f"watch: condition not met; got {self.messages}") from None
 
 
 @pytest.fixture
@@ -135,7 +89,10 @@ def checked_at(plugin: pb.RegisteredPlugin) -> datetime:
 async def test_drain_by_id_keeps_the_id_out_of_routing_until_undrained(
     registry: RegistryServer, client: RegistryClient
 ) -> None:
-    async with FakePlugin(name="lines", sources=["lines"]) as plugin, Recorder(client) as watch:
+    async with (
+        FakePlugin(name="lines", sources=["lines"]) as plugin,
+        WatchRecorder(client, within=DEADLINE) as watch,
+    ):
         registered = await client.register(plugin.info(), plugin.address, lease_ttl_seconds=30)
         plugin_id = registered.plugin_id
         await wait_status(client, plugin_id, HEALTHY)
@@ -186,7 +143,7 @@ async def test_drain_by_name_takes_every_instance_out_of_the_gateways_view(
         FakePlugin(name="multi", sources=["multi"]) as one,
         FakePlugin(name="multi", sources=["multi"]) as two,
         FakePlugin(name="multi", sources=["multi"]) as later,
-        Recorder(client) as watch,
+        WatchRecorder(client, within=DEADLINE) as watch,
         RegistryResolver(registry.address) as resolver,
     ):
         ids = sorted(
@@ -244,7 +201,7 @@ async def test_checks_of_a_drained_plugin_are_recorded_but_never_move_it(
         running_registry(tmp_path, health_interval=0.1, unhealthy_threshold=2) as server,
         RegistryClient(server.address) as client,
         FakePlugin(name="flaky", sources=["flaky"]) as plugin,
-        Recorder(client) as watch,
+        WatchRecorder(client, within=DEADLINE) as watch,
     ):
         plugin_id = (await client.register(plugin.info(), plugin.address)).plugin_id
         await wait_status(client, plugin_id, HEALTHY)

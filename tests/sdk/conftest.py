@@ -23,6 +23,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from watch_helpers import WatchRecorder as WatchRecorder
 
 from registry import RegistryClient, testing
 from registry.wire import pb
@@ -184,42 +185,6 @@ async def start_registry(
     proc = await procs("registry", [*argv, "--db", f"sqlite:///{database}", *extra]).start()
     match = await proc.wait_line(r"serving on (\S+)")
     return proc, match.group(1)
-
-
-class WatchRecorder:
-    """Records one Watch stream in a task; waiters wake on every message."""
-
-    def __init__(self, client: RegistryClient) -> None:
-        self._client = client
-        self.messages: list[pb.WatchResponse] = []
-        self._changed = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> WatchRecorder:
-        self._task = asyncio.create_task(self._run())
-        await self.wait(lambda: bool(self.messages))  # the snapshot: the stream is live
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _run(self) -> None:
-        async for message in self._client.watch():
-            async with self._changed:
-                self.messages.append(message)
-                self._changed.notify_all()
-
-    def removed(self) -> set[str]:
-        return {i for m in self.messages for i in m.removed_plugin_ids}
-
-    async def wait(self, predicate: Callable[[], bool], *, within: float = DEADLINE) -> None:
-        try:
-            async with asyncio.timeout(within), self._changed:
-                await self._changed.wait_for(predicate)
-        except TimeoutError:
-            raise AssertionError(f"watch: condition not met; got {self.messages}") from None
 
 
 def healthy(plugins: list[pb.RegisteredPlugin]) -> pb.RegisteredPlugin | None:
