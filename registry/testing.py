@@ -38,7 +38,7 @@ async def eventually(
     probe: Callable[[], Any],
     *,
     within: float = 10.0,
-    what: str = "condition",
+    what: str | Callable[[], str] = "condition",
     interval: float = 0.01,
 ) -> Any:
     """Poll ``probe`` (sync or async) until it gives something truthy; return that.
@@ -46,7 +46,8 @@ async def eventually(
     The way to wait in a test: on a condition, with a deadline, never a bare sleep.
 
     Raises:
-        AssertionError: ``within`` seconds passed first (the message names ``what``).
+        AssertionError: ``within`` seconds passed first; the message names ``what``
+            (called at that moment when it is a function, to show the last state seen).
     """
     deadline = time.monotonic() + within
     while True:
@@ -56,7 +57,8 @@ async def eventually(
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
+            text = what() if callable(what) else what
+            raise AssertionError(f"timed out after {within}s waiting for {text}")
         await asyncio.sleep(interval)
 
 

@@ -109,6 +109,9 @@ _NO_IDENTITY = (
     "that the auth policy names"
 )
 
+# A call's invocation metadata, read once per call.
+Metadata = tuple[tuple[str, Any], ...]
+
 _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "polku_registry_principal", default=None
 )
@@ -387,7 +390,9 @@ class AuthInterceptor(WrappingInterceptor):
             principal: Principal | None = None
             if rule.scope == CLUSTER_SCOPE:
                 if policy is not None or self._cluster_token is not None:
-                    await self._check_cluster_token(context)
+                    await self._check_cluster_token(
+                        context, tuple(context.invocation_metadata() or ())
+                    )
                 return ticket  # another replica: no principal, no per-principal limits
             if policy is None:
                 mode = self._open
@@ -396,9 +401,11 @@ class AuthInterceptor(WrappingInterceptor):
                 mode = self._secured
                 if rule.scope is None:
                     return ticket  # an open service: no identity, no per-principal limits
-                forwarded = _forwarded(context)
+                # Read once: the forwarded identity and the caller's own both come from it.
+                metadata = tuple(context.invocation_metadata() or ())
+                forwarded = _forwarded(metadata)
                 if forwarded is not None:
-                    await self._check_cluster_token(context)
+                    await self._check_cluster_token(context, metadata)
                     principal = policy.principal_named(forwarded[0])
                     if principal is None:
                         await _deny(
@@ -408,7 +415,7 @@ class AuthInterceptor(WrappingInterceptor):
                         )
                     ticket.origin = _origin.set(forwarded[1])
                 else:
-                    principal = await _identify(policy, context)
+                    principal = await _identify(policy, context, metadata)
                 if not principal.allows(rule.scope):
                     await _deny(
                         context,
@@ -440,7 +447,9 @@ class AuthInterceptor(WrappingInterceptor):
             self._leave(ticket)
             raise
 
-    async def _check_cluster_token(self, context: grpc.aio.ServicerContext) -> None:
+    async def _check_cluster_token(
+        self, context: grpc.aio.ServicerContext, metadata: Metadata
+    ) -> None:
         """Refuse a call that does not carry this registry's cluster token.
 
         Raises:
@@ -451,7 +460,7 @@ class AuthInterceptor(WrappingInterceptor):
             await _deny(
                 context, _UNAUTHENTICATED, "this replica has no cluster token: start it with one"
             )
-        sent = [v for k, v in context.invocation_metadata() or () if k == CLUSTER_TOKEN_KEY]
+        sent = [v for k, v in metadata if k == CLUSTER_TOKEN_KEY]
         given = str(sent[0]).encode() if len(sent) == 1 else b""
         if not hmac.compare_digest(given, expected):
             await _deny(context, _UNAUTHENTICATED, "the cluster token does not match")
@@ -488,10 +497,10 @@ async def _deny(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messag
     raise AssertionError("unreachable: abort() raises")  # pragma: no cover
 
 
-def _forwarded(context: grpc.aio.ServicerContext) -> tuple[str, str] | None:
+def _forwarded(metadata: Metadata) -> tuple[str, str] | None:
     """The principal name and original peer a forwarded call names; None if not forwarded."""
     name = peer = None
-    for key, value in context.invocation_metadata() or ():
+    for key, value in metadata:
         if key == FORWARDED_FOR_KEY:
             name = str(value)
         elif key == FORWARDED_PEER_KEY:
@@ -499,13 +508,15 @@ def _forwarded(context: grpc.aio.ServicerContext) -> tuple[str, str] | None:
     return None if name is None else (name, peer or "")
 
 
-async def _identify(policy: AuthPolicy, context: grpc.aio.ServicerContext) -> Principal:
+async def _identify(
+    policy: AuthPolicy, context: grpc.aio.ServicerContext, metadata: Metadata
+) -> Principal:
     """The principal of a call: its bearer token, else its verified client certificate.
 
     Raises:
         grpc.aio.AbortError: UNAUTHENTICATED, saying what to send.
     """
-    authorization = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+    authorization = [v for k, v in metadata if k == "authorization"]
     if authorization:
         if len(authorization) > 1:
             await _deny(

@@ -6,13 +6,12 @@ failure what it saw last.
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
+
+from registry.testing import eventually
 
 # Bounds on failures, generous because the suite runs on two busy cores.
 DEADLINE = 30.0
@@ -25,23 +24,8 @@ async def until(
     what: str | Callable[[], str] = "condition",
     interval: float = 0.05,
 ) -> Any:
-    """Poll ``probe`` (sync or async) until it gives something truthy; return that.
-
-    Raises:
-        AssertionError: ``within`` seconds passed first; the message is ``what``, called
-            at that moment when it is a function (so it can show the last state seen).
-    """
-    deadline = time.monotonic() + within
-    while True:
-        value = probe()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            text = what() if callable(what) else what
-            raise AssertionError(f"timed out after {within}s waiting for {text}")
-        await asyncio.sleep(interval)
+    """:func:`registry.testing.eventually` with this harness's deadline and interval."""
+    return await eventually(probe, within=within, what=what, interval=interval)
 
 
 def rpc_error(exc: grpc.aio.AioRpcError | grpc.RpcError) -> str:
