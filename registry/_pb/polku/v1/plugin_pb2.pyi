@@ -405,3 +405,19 @@ class DrainResponse(_message.Message):
     plugins: _containers.RepeatedCompositeFieldContainer[RegisteredPlugin]
     revision: int
     def __init__(self, plugins: _Optional[_Iterable[_Union[RegisteredPlugin, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class KeepAliveRequest(_message.Message):
+    __slots__ = ("plugin_id",)
+    PLUGIN_ID_FIELD_NUMBER: _ClassVar[int]
+    plugin_id: str
+    def __init__(self, plugin_id: _Optional[str] = ...) -> None: ...
+
+class KeepAliveResponse(_message.Message):
+    __slots__ = ("plugin_id", "acknowledged", "lease_ttl_seconds")
+    PLUGIN_ID_FIELD_NUMBER: _ClassVar[int]
+    ACKNOWLEDGED_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    plugin_id: str
+    acknowledged: bool
+    lease_ttl_seconds: int
+    def __init__(self, plugin_id: _Optional[str] = ..., acknowledged: _Optional[bool] = ..., lease_ttl_seconds: _Optional[int] = ...) -> None: ...

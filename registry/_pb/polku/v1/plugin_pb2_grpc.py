@@ -444,6 +444,11 @@ class PluginRegistryStub:
                 request_serializer=polku_dot_v1_dot_plugin__pb2.DrainRequest.SerializeToString,
                 response_deserializer=polku_dot_v1_dot_plugin__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.KeepAlive = channel.stream_stream(
+                '/polku.v1.PluginRegistry/KeepAlive',
+                request_serializer=polku_dot_v1_dot_plugin__pb2.KeepAliveRequest.SerializeToString,
+                response_deserializer=polku_dot_v1_dot_plugin__pb2.KeepAliveResponse.FromString,
+                _registered_method=True)
 
 
 class PluginRegistryServicer:
@@ -515,6 +520,15 @@ class PluginRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def KeepAlive(self, request_iterator, context):
+        """Part 6: cost per operation (SPEC §1.3). One stream per plugin process renews
+        its leases, one message per renewal, like etcd's LeaseKeepAlive. A stream that
+        breaks makes the registry check the health of the plugins it renewed at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PluginRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -567,6 +581,11 @@ def add_PluginRegistryServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=polku_dot_v1_dot_plugin__pb2.DrainRequest.FromString,
                     response_serializer=polku_dot_v1_dot_plugin__pb2.DrainResponse.SerializeToString,
+            ),
+            'KeepAlive': grpc.stream_stream_rpc_method_handler(
+                    servicer.KeepAlive,
+                    request_deserializer=polku_dot_v1_dot_plugin__pb2.KeepAliveRequest.FromString,
+                    response_serializer=polku_dot_v1_dot_plugin__pb2.KeepAliveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -839,6 +858,33 @@ class PluginRegistry:
             '/polku.v1.PluginRegistry/Drain',
             polku_dot_v1_dot_plugin__pb2.DrainRequest.SerializeToString,
             polku_dot_v1_dot_plugin__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KeepAlive(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/polku.v1.PluginRegistry/KeepAlive',
+            polku_dot_v1_dot_plugin__pb2.KeepAliveRequest.SerializeToString,
+            polku_dot_v1_dot_plugin__pb2.KeepAliveResponse.FromString,
             options,
             channel_credentials,
             insecure,
