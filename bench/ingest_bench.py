@@ -2,7 +2,8 @@
 
 Both call the same FakePlugin, run as a subprocess so that it has a core of its own,
 as does the registry; the clients run here. Scenarios: async Ingest at concurrency 1
-and 64, sync Ingest one at a time (the sync bridge against grpc's sync stub), and
+and 64, sync Ingest one at a time (``ingest()`` on the caller's thread, over its own
+sync channel, against grpc's sync stub on a sync channel of its own), and
 change propagation: Register answered → a watching resolver has the plugin (one
 watcher, then 100). Prints numbers and ratios, never verdicts.
 
@@ -129,7 +130,7 @@ async def _ingest(quick: bool, registry: str, plugin: str) -> list[dict[str, Any
                 rows += _latency_rows(scenario, mine, theirs)
         await channel.close()
 
-        # Sync: the bridge (a private loop thread) against grpc's own sync stub.
+        # Sync: ingest() (resolved, on this thread) against grpc's own sync stub.
         def sync_pair() -> tuple[Load, Load]:
             with (
                 ExternalIngestor(SOURCE, resolver=resolver) as ingestor,
@@ -140,11 +141,15 @@ async def _ingest(quick: bool, registry: str, plugin: str) -> list[dict[str, Any
                 sync_stub.Ingest(request)
                 mine: list[Load] = []
                 theirs: list[Load] = []
-                for _ in range(rounds):
-                    theirs.append(
-                        _sync_loop(lambda: sync_stub.Ingest(request, timeout=30), seconds)
+                # Shorter rounds, more of them, and each side first in every other one:
+                # a one-at-a-time loop is the most exposed to the machine's drift.
+                for i in range(rounds * 4):
+                    pair = (
+                        (theirs, lambda: sync_stub.Ingest(request, timeout=30)),
+                        (mine, lambda: ingestor.ingest(ctx, PAYLOAD)),
                     )
-                    mine.append(_sync_loop(lambda: ingestor.ingest(ctx, PAYLOAD), seconds))
+                    for loads, call in pair if i % 2 == 0 else pair[::-1]:
+                        loads.append(_sync_loop(call, seconds / 4))
                 return _pooled(mine), _pooled(theirs)
 
         mine, theirs = await asyncio.to_thread(sync_pair)

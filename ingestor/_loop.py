@@ -1,9 +1,11 @@
 """The sync bridge: one private event loop thread that runs the async core for sync callers.
 
-Every synchronous entry point of this package (``ingest``, ``health``, ``close``, a
-resolver's ``start``) submits its coroutine here with ``run_coroutine_threadsafe`` and
-waits for the result. The loop thread is started on first use, is a daemon, and is
-shared by every client in the process; it is never ``asyncio.run`` per call.
+The synchronous entry points that need the async core (a resolver's ``start``, the
+vetting of a new plugin address, closing channels made on it) submit their coroutine
+here with ``run_coroutine_threadsafe`` and wait for the result; a sync ``ingest``
+itself calls on its own thread (:mod:`ingestor.sync_connection`). The loop thread is
+started on first use, is a daemon, and is shared by every client in the process; it
+is never ``asyncio.run`` per call.
 """
 
 from __future__ import annotations
@@ -48,10 +50,8 @@ def started_bridge_loop() -> asyncio.AbstractEventLoop | None:
 
 def running_loop() -> asyncio.AbstractEventLoop | None:
     """The loop running on this thread, if any."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+    # asyncio's own None-returning check: no exception raised and caught on every sync call.
+    return asyncio._get_running_loop()
 
 
 def refuse_inside_loop(what: str, instead: str) -> None:

@@ -10,7 +10,9 @@ timed out, or it answered with something the gateway refuses (over
 ``max_response_bytes``, more than ``max_events`` events, bytes that do not decode).
 A plugin that answers well-formed, even with an error status or only errors, is up:
 the payload is the problem. Thread-safe: one breaker is shared by every event loop
-that calls the endpoint.
+and every thread that calls the endpoint. The common case, a closed breaker and a
+call that succeeds, takes no lock: the state is read whole (an attribute read is
+atomic), and only a change of it is made under the lock.
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ class CircuitBreaker:
         A caller given True must report the outcome with :meth:`success` or
         :meth:`failure` (or :meth:`release` when the call never reached the endpoint).
         """
+        state = self._state
+        if state is BreakerState.CLOSED:
+            return True  # no change to make: no lock
         with self._lock:
             if self._state is BreakerState.CLOSED:
                 return True
@@ -96,6 +101,8 @@ class CircuitBreaker:
             return True
 
     def success(self) -> None:
+        if self._state is BreakerState.CLOSED and not self._failures and not self._probing:
+            return  # nothing to reset: no lock
         with self._lock:
             self._state = BreakerState.CLOSED
             self._failures = 0

@@ -1,8 +1,12 @@
 """Cached channels to plugin endpoints: one per address, per event loop.
 
-A ``grpc.aio`` channel belongs to the loop it was made on, so an ingestor used from
-its caller's loop and from the sync bridge keeps one pool for each. A pool is only
-touched from its own loop's thread.
+A ``grpc.aio`` channel belongs to the loop it was made on, so a client used from
+several loops keeps one pool for each. A pool is only touched from its own loop's
+thread. Callers without a loop use :mod:`ingestor.sync_connection` instead (the same
+endpoints over synchronous ``grpc`` channels).
+
+A pool serves one plugin service (:class:`PluginService`: the ingestor's, or another
+plugin type's), calling its unary methods with answers left as bytes.
 
 Every channel is opened through the registry's one door for addresses
 (:mod:`registry.trust.dial`): the endpoint is parsed and vetted by the address policy
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
@@ -31,11 +37,40 @@ _READY = grpc.ChannelConnectivity.READY
 _FAILED = grpc.ChannelConnectivity.TRANSIENT_FAILURE
 _SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
 
-# Answers are handed over as bytes: the ingestor decodes them itself (Ingest's within
-# its limits, ingestor.answer), so bytes that do not decode are its own error. gRPC's
-# deserializers would log a traceback and hand back None.
-_INGEST = "/polku.v1.IngestorPlugin/Ingest"
-_HEALTH = "/polku.v1.IngestorPlugin/Health"
+
+@dataclass(frozen=True, slots=True)
+class PluginService:
+    """A plugin's gRPC service as this side calls it: its full name, its unary methods.
+
+    ``methods`` maps each method name to its request serializer. Answers are handed
+    over as bytes: the client decodes them itself (Ingest's within its limits,
+    :mod:`ingestor.answer`), so bytes that do not decode are its own error; gRPC's
+    deserializers would log a traceback and hand back None.
+    """
+
+    name: str
+    methods: Mapping[str, Callable[[Any], bytes]]
+
+    def bind(self, channel: Any) -> dict[str, Any]:
+        """The multicallable of each method on ``channel`` (sync or ``grpc.aio``).
+
+        Registered with the channel, as generated stubs do: a registered method skips
+        per-call work in gRPC's core (about a tenth of a small call's cost).
+        """
+        return {
+            method: channel.unary_unary(
+                f"/{self.name}/{method}",
+                request_serializer=serializer,
+                _registered_method=True,
+            )
+            for method, serializer in self.methods.items()
+        }
+
+
+INGESTOR_SERVICE = PluginService(
+    "polku.v1.IngestorPlugin",
+    {"Ingest": pb.IngestRequest.SerializeToString, "Health": Empty.SerializeToString},
+)
 
 # gRPC shares subchannels between channels to one address; a shared one still backing
 # off after a failure would make a fresh channel fail at once. Dropping a broken
@@ -43,20 +78,36 @@ _HEALTH = "/polku.v1.IngestorPlugin/Health"
 _OWN_SUBCHANNELS = ("grpc.use_local_subchannel_pool", 1)
 
 
-class PluginConnection:
-    """A channel to one endpoint's ``IngestorPlugin`` service; connects lazily.
+def channel_options(options: Iterable[tuple[str, int | str]]) -> list[tuple[str, int | str]]:
+    """The options of every channel to a plugin: the caller's, and a subchannel of its own."""
+    return [_OWN_SUBCHANNELS, *options]
 
-    ``ingest`` and ``health`` are the ``Ingest`` and ``Health`` methods; they answer the
-    encoded response (bytes), for the caller to decode.
+
+def refused(address: str, exc: InvalidArgument) -> PluginConnectionError:
+    """The error for an endpoint the address policy refuses (or that does not parse)."""
+    if isinstance(exc, AddressRefused):
+        why = exc.why
+    else:
+        why = f"not a valid plugin address: {exc.reason}"
+    return PluginConnectionError(
+        f"not dialling plugin at {address}: refused by the address policy ({why})",
+        address=address,
+    )
+
+
+class PluginConnection:
+    """A channel to one endpoint's plugin service; connects lazily.
+
+    ``rpc`` maps each of the service's methods to its multicallable; a call answers
+    the encoded response (bytes), for the caller to decode.
     """
 
-    def __init__(self, address: str, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self, address: str, channel: grpc.aio.Channel, service: PluginService = INGESTOR_SERVICE
+    ) -> None:
         self.address = address
         self.channel = channel
-        self.ingest = channel.unary_unary(
-            _INGEST, request_serializer=pb.IngestRequest.SerializeToString
-        )
-        self.health = channel.unary_unary(_HEALTH, request_serializer=Empty.SerializeToString)
+        self.rpc = service.bind(channel)
         self.ready = False
         # Set when this pool dropped it: a call cancelled by its closing was not the caller's.
         self.dropped = False
@@ -95,17 +146,19 @@ class PluginConnection:
 
 
 class ConnectionPool:
-    """The connections one ingestor holds on one event loop."""
+    """The connections one client holds on one event loop."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         dialer: PluginDialer,
         options: Iterable[tuple[str, int | str]] = (),
+        service: PluginService = INGESTOR_SERVICE,
     ) -> None:
         self.loop = loop
         self._dialer = dialer
-        self._options = [_OWN_SUBCHANNELS, *options]
+        self._service = service
+        self._options = channel_options(options)
         self._connections: dict[str, PluginConnection] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -122,21 +175,13 @@ class ConnectionPool:
             return connection
         try:
             target = await self._dialer.vet(address)
-        except AddressRefused as exc:
-            raise PluginConnectionError(
-                f"not dialling plugin at {address}: refused by the address policy ({exc.why})",
-                address=address,
-            ) from exc
-        except InvalidArgument as exc:
-            raise PluginConnectionError(
-                f"not dialling plugin at {address}: refused by the address policy "
-                f"(not a valid plugin address: {exc.reason})",
-                address=address,
-            ) from exc
+        except InvalidArgument as exc:  # AddressRefused too
+            raise refused(address, exc) from exc
         connection = self._connections.get(address)  # another call may have made it meanwhile
         if connection is None:
             channel = self._dialer.open(target, self._options)
-            connection = self._connections[address] = PluginConnection(address, channel)
+            connection = PluginConnection(address, channel, self._service)
+            self._connections[address] = connection
         return connection
 
     def __len__(self) -> int:

@@ -23,6 +23,7 @@ from ingestor.external import DEFAULT_CONNECT_TIMEOUT, DEFAULT_INGEST_TIMEOUT, E
 from ingestor.metrics import gateway_metrics
 from ingestor.resolver import RegistryResolver
 from ingestor.result import IngestResult
+from ingestor.view import ResolverView
 from registry.wire import event_pb
 
 
@@ -110,17 +111,39 @@ class Hub(Closing):
         ingestor = self._static.get(source)
         if ingestor is not None:
             return ingestor
+        resolver = self._resolver_for(source)
+        view = resolver.view or await resolver.wait_synced_async(resolver.connect_timeout)
+        return self._routed(source, resolver, view)
+
+    def route(self, source: str) -> ExternalIngestor:
+        """Synchronous :meth:`route_async` (on a thread without a running loop).
+
+        Raises:
+            As :meth:`route_async`; PluginError inside a running loop, when it would
+            have to wait for the resolver's first snapshot.
+        """
+        self._check_usable()
+        ingestor = self._static.get(source)
+        if ingestor is not None:
+            return ingestor
+        resolver = self._resolver_for(source)
+        view = resolver.view or resolver.wait_synced(resolver.connect_timeout)
+        return self._routed(source, resolver, view)
+
+    def _resolver_for(self, source: str) -> RegistryResolver:
         if self.resolver is None:
             raise PluginError(f"no ingestor for source {source!r} (the hub has no resolver)")
-        view = self.resolver.view or await self.resolver.wait_synced_async(
-            self.resolver.connect_timeout
-        )
+        return self.resolver
+
+    def _routed(
+        self, source: str, resolver: RegistryResolver, view: ResolverView
+    ) -> ExternalIngestor:
         if not view.declares(source):
             raise PluginError(
                 f"no ingestor for source {source!r}: none configured and no registered "
                 f"plugin declares it (registry revision {view.revision})"
             )
-        return self._dynamic_ingestor(source, self.resolver)
+        return self._dynamic_ingestor(source, resolver)
 
     async def ingest_async(self, ctx: IngestContext, data: bytes) -> list[event_pb.Event]:
         """Route ``data`` by ``ctx.source`` and ingest it; the events.
@@ -150,7 +173,7 @@ class Hub(Closing):
         return await ingestor.ingest_with_errors_async(ctx, data)
 
     def ingest(self, ctx: IngestContext, data: bytes) -> list[event_pb.Event]:
-        """Synchronous :meth:`ingest_async`, from any thread without a running loop.
+        """Synchronous :meth:`ingest_async`, on the caller's thread (any without a running loop).
 
         Raises:
             PluginError: called on a thread whose event loop is running (use
@@ -169,17 +192,15 @@ class Hub(Closing):
         return self._ingest_sync(ctx, data, "ingest_with_errors")
 
     def _ingest_sync(self, ctx: IngestContext, data: bytes, method: str) -> IngestResult:
-        budget = 2 * (self.connect_timeout + self.ingest_timeout) + 1
-        for ingestor in self._static.values():
-            budget = max(budget, 2 * (ingestor.connect_timeout + ingestor.ingest_timeout) + 1)
-        if self.resolver is not None:
-            budget += self.resolver.connect_timeout
-        return _loop.run_sync(
-            lambda: self.ingest_with_errors_async(ctx, data),
-            timeout=budget,
-            what=f"Hub.{method}",
-            instead=f"hub.{method}_async(ctx, data)",
-        )
+        _loop.refuse_inside_loop(f"Hub.{method}", f"hub.{method}_async(ctx, data)")
+        self._check_usable()  # misuse is not counted as a payload without a route
+        try:
+            ingestor = self.route(ctx.source)
+        except PluginError as exc:
+            if self._metrics is not None:
+                self._metrics.unrouted(exc)
+            raise
+        return ingestor.ingest_with_errors(ctx, data)
 
     def close(self) -> None:
         """Close every ingestor of the hub. Idempotent."""

@@ -238,3 +238,26 @@ def measured(method: IngestCall[Ingestor]) -> IngestCall[Ingestor]:
         return result
 
     return ingest
+
+
+SyncIngestCall = Callable[[Ingestor, IngestContext, bytes], IngestResult]
+
+
+def measured_sync(method: SyncIngestCall[Ingestor]) -> SyncIngestCall[Ingestor]:
+    """:func:`measured` for a synchronous ingest method."""
+
+    @functools.wraps(method)
+    def ingest(self: Ingestor, ctx: IngestContext, data: bytes) -> IngestResult:
+        metrics = self.gateway_metrics
+        if metrics is None:
+            return method(self, ctx, data)
+        started = time.perf_counter()
+        try:
+            result = method(self, ctx, data)
+        except PluginError as exc:
+            metrics.failed(self.source, time.perf_counter() - started, exc)
+            raise
+        metrics.ingested(self.source, time.perf_counter() - started, result)
+        return result
+
+    return ingest

@@ -77,3 +77,26 @@ def test_settings_are_validated() -> None:
         BreakerSettings(failure_threshold=0)
     with pytest.raises(ValueError, match="reset_timeout"):
         BreakerSettings(reset_timeout=-1)
+
+
+def test_half_open_admits_one_probe_among_threads_at_once() -> None:
+    import threading
+
+    breaker, clock = make(threshold=1, reset=10)
+    breaker.failure()
+    clock.now += 10
+    start = threading.Barrier(8)
+    admitted: list[bool] = []
+
+    def probe() -> None:
+        start.wait(timeout=10)
+        admitted.append(breaker.allow())
+
+    threads = [threading.Thread(target=probe) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(admitted) == [False] * 7 + [True]
+    breaker.success()
+    assert breaker.state is BreakerState.CLOSED
