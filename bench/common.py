@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -93,11 +94,12 @@ class Process:
                 self.address = match.group(1)
                 self.ready_at = time.perf_counter()
                 self._found.set()
+        self._stream.close()  # at EOF: the process has closed its end
 
     def wait_ready(self, timeout: float = 60.0) -> str:
         if not self._found.wait(timeout):
             self.stop()
-            raise RuntimeError(f"{self.proc.args} did not start")
+            raise RuntimeError(f"{self.proc.args!r} did not start")
         return self.address
 
     def rss_mb(self) -> float:
@@ -119,3 +121,28 @@ class Process:
 
 def python() -> str:
     return sys.executable
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        # The command name (field 2) may hold spaces: count fields after its ')'.
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+async def cpu_quiet(
+    pid: int, *, window: float = 0.2, busy: float = 0.01, within: float = 10.0
+) -> bool:
+    """Wait until a process uses at most ``busy`` s of CPU over ``window`` s (its
+    background work after a load is done); False if it is still busy after ``within`` s."""
+    deadline = time.perf_counter() + within
+    while time.perf_counter() < deadline:
+        before = cpu_seconds(pid)
+        await asyncio.sleep(window)  # the observation window itself
+        if cpu_seconds(pid) - before <= busy:
+            return True
+    return False

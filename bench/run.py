@@ -2,6 +2,8 @@
 
     python -m bench.run            # the full run (a few minutes on 2 cores)
     python -m bench.run --quick    # seconds: keeps the benchmarks working in CI
+    python -m bench.run --peer etcd [--quick]   # only the etcd peer suite (needs etcd:
+                                                # apt-get install -y etcd-server)
 
 Also writes the rows as JSON (``--json PATH``, default bench/results.json). Prints
 numbers, never verdicts: the machines are shared and noisy.
@@ -28,6 +30,8 @@ SUITES = [
     "bench.scale_bench",
     "bench.replica_bench",
 ]
+# Peers run only when asked for (``--peer NAME``): they need software the tests never install.
+PEERS = {"etcd": "bench.peer_etcd"}
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -43,15 +47,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds per suite")
     parser.add_argument("--json", type=Path, default=Path(__file__).with_name("results.json"))
+    parser.add_argument(
+        "--peer", choices=sorted(PEERS), help="run only this peer's side-by-side suite"
+    )
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
-    for name in SUITES:
+    for name in [PEERS[args.peer]] if args.peer else SUITES:
         started = time.perf_counter()
         suite = importlib.import_module(name)
         suite_rows = suite.run(quick=args.quick)
         print(f"# {name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
         rows.extend(suite_rows)
-    mode = "quick" if args.quick else "full"
+    mode = ("quick" if args.quick else "full") + (f", peer {args.peer}" if args.peer else "")
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, nproc {os.cpu_count()}, {mode}")
     print_table(rows)
     args.json.write_text(json.dumps(rows, indent=2))

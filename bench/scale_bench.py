@@ -13,7 +13,15 @@ only the first check of each registration runs) is filled in two steps:
   makes it grow with the number of pages).
 
 N is 20,000 (2,000 with ``--quick``). The registrations point at one FakePlugin in
-this process. Prints figures, never verdicts.
+this process.
+
+Then memory and idle CPU at the default health interval (10 s), issue 13: a second
+registry is filled with 10,000 leased registrations (1,000 with ``--quick``) at the
+FakePlugin, its RSS read after one ListPlugins of all and its CPU over an idle
+window; restarted on the same file, its start-up time, the same RSS after the
+stored change log is loaded, and its idle CPU with the plugin alive and then with
+it gone (every check fails, the plugins turn UNHEALTHY: checks and their changes,
+no client traffic). Prints figures, never verdicts.
 
     python -m bench.scale_bench [--quick]
 """
@@ -34,6 +42,7 @@ from registry.testing import FakePlugin
 from registry.wire import pb, pb_grpc
 
 IDLE_SECONDS = 5.0  # 2 s with --quick
+MEMORY_IDLE_SECONDS = 10.0  # each idle window of the memory scenario (2 s with --quick)
 SETTLE_SECONDS = 2.0  # after the last registration: first checks, flushes, cache warm-up
 MAX_RECEIVE = 256 * 1024 * 1024
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -41,7 +50,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LARGEST_PAGE = 10_000
 
 
-def _registry(db: str) -> Process:
+def _registry(db: str, health_interval: str = "1h") -> Process:
     return Process(
         [
             python(),
@@ -53,7 +62,7 @@ def _registry(db: str) -> Process:
             "--db",
             db,
             "--health-interval",
-            "1h",
+            health_interval,
         ]
     )
 
@@ -160,11 +169,91 @@ async def _scenario(count: int, idle_seconds: float) -> list[dict[str, Any]]:
     return rows
 
 
+async def _resumed(stub: Any) -> None:
+    """Return once a resumed Watch answers: the stored change log is loaded."""
+    stream = stub.Watch(pb.WatchRequest(since_revision=1))
+    async for _ in stream:
+        break
+    stream.cancel()
+
+
+async def _memory(count: int, idle_seconds: float) -> list[dict[str, Any]]:
+    """RSS fresh and after a restart, start-up, idle CPU at the default interval."""
+    options = [("grpc.max_receive_message_length", MAX_RECEIVE)]
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="scale-bench-") as folder:
+        db = f"sqlite:///{folder}/memory.db"
+        plugin = FakePlugin(name="scale", sources=["scale"])
+        await plugin.start()
+        try:
+            registry = _registry(db, "10s")
+            try:
+                async with grpc.aio.insecure_channel(registry.wait_ready(), options=options) as ch:
+                    stub = pb_grpc.PluginRegistryStub(ch)
+                    await _populate(stub, plugin.address, 0, count)
+                    await asyncio.sleep(SETTLE_SECONDS)  # first checks, flushes
+                    await _paged(stub, LARGEST_PAGE, count)  # the caches a restart warms
+                    figures["fresh"] = registry.rss_mb()
+                    figures["fresh_idle"] = await _idle_cpu(registry.proc.pid, idle_seconds)
+            finally:
+                registry.stop()
+            registry = _registry(db, "10s")
+            try:
+                address = registry.wait_ready()
+                figures["startup"] = registry.ready_at - registry.started
+                async with grpc.aio.insecure_channel(address, options=options) as ch:
+                    stub = pb_grpc.PluginRegistryStub(ch)
+                    await _resumed(stub)
+                    await asyncio.sleep(SETTLE_SECONDS)
+                    await _paged(stub, LARGEST_PAGE, count)
+                    figures["restart"] = registry.rss_mb()
+                    figures["idle"] = await _idle_cpu(registry.proc.pid, idle_seconds)
+                    await plugin.stop()
+                    figures["idle_none"] = await _idle_cpu(registry.proc.pid, idle_seconds)
+            finally:
+                registry.stop()
+        finally:
+            await plugin.stop()
+    idle_target = "≤ etcd's (about 8 ms/s)"
+    return [
+        row(f"start-up with {count:,} leased plugins", figures["startup"], 0, "≤ 2 s", unit="s"),
+        row(
+            f"RSS after restart vs fresh load, {count:,} leased plugins",
+            figures["restart"],
+            figures["fresh"],
+            "≤ 1.20",
+            unit="MB",
+        ),
+        row(
+            f"idle CPU, {count:,} leased plugins checked every 10 s, fresh",
+            figures["fresh_idle"],
+            0,
+            idle_target,
+            unit="ms CPU/s",
+        ),
+        row(
+            f"idle CPU, {count:,} leased plugins checked every 10 s, restarted",
+            figures["idle"],
+            0,
+            idle_target,
+            unit="ms CPU/s",
+        ),
+        row(
+            f"idle CPU, {count:,} leased plugins at an address gone, restarted",
+            figures["idle_none"],
+            0,
+            "-",
+            unit="ms CPU/s",
+        ),
+    ]
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
-    """Rows for bench.run: 20,000 plugins (2,000 when ``quick``)."""
+    """Rows for bench.run: 20,000 plugins (2,000 when ``quick``), then 10,000 (1,000)."""
     if quick:
-        return asyncio.run(_scenario(2_000, 2.0))
-    return asyncio.run(_scenario(20_000, IDLE_SECONDS))
+        return asyncio.run(_scenario(2_000, 2.0)) + asyncio.run(_memory(1_000, 2.0))
+    rows = asyncio.run(_scenario(20_000, IDLE_SECONDS))
+    return rows + asyncio.run(_memory(10_000, MEMORY_IDLE_SECONDS))
 
 
 if __name__ == "__main__":
