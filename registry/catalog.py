@@ -86,6 +86,19 @@ class OwnershipChange:
         return bool(self.owners or self.claims)
 
 
+class FirstCheck(NamedTuple):
+    """A registration's first health check, made before it is stored (folded into it).
+
+    ``status`` is what the check makes of a new (UNKNOWN) instance: HEALTHY when it
+    passed, UNHEALTHY when it failed and one failure is the threshold, else UNKNOWN.
+    ``error`` is empty when it passed.
+    """
+
+    status: PluginStatus
+    checked_at: datetime
+    error: str
+
+
 class Registered(NamedTuple):
     """What :meth:`Catalog.register` did: the new instance, its change, and ownership."""
 
@@ -259,31 +272,21 @@ class Catalog:
 
     # -- writes --------------------------------------------------------------
 
-    def register(
+    def check_register(
         self,
         registration: Registration,
-        now: datetime,
         principal: Principal | None = None,
         *,
         max_live_instances: int = 0,
         max_plugins: int = 0,
-    ) -> Registered:
-        """Add an instance under a fresh id, replacing the one at the same (name, address).
+    ) -> Plugin | None:
+        """Every rule :meth:`register` checks, changing nothing: it would be refused
+        only if this raises (or the catalogue changes in between).
 
-        With a principal, the name and the claims are checked against ownership
-        first, and recorded for it when absent. ``principal=None`` (open mode)
-        checks and records no ownership. ``max_live_instances`` (0: no limit)
-        bounds the live instances of the names a non-admin principal owns, and
-        ``max_plugins`` (0: no limit) the plugins held in all (:meth:`check_room`);
-        a replacement counts as one more for neither.
+        Returns the instance it would replace (same name and address), if any.
 
         Raises:
-            PermissionDenied: the principal may not use the name, or a source or the
-                emitter name belongs to another principal or is not its to claim.
-            AlreadyExists: a source or the emitter name belongs to another plugin name
-                that has a live instance.
-            ResourceExhausted: the principal's live instances or the plugins held
-                reached their limit.
+            PermissionDenied, AlreadyExists, ResourceExhausted: as :meth:`register`.
         """
         # Admins skip the ownership checks and the limit, not the live-holder rule.
         checked = principal if principal is not None and not principal.admin else None
@@ -295,12 +298,51 @@ class Catalog:
         self.check_room(registration, max_plugins)
         if checked is not None and max_live_instances:
             self._check_instance_limit(registration.name, checked, replaced, max_live_instances)
+        return replaced
+
+    def register(
+        self,
+        registration: Registration,
+        now: datetime,
+        principal: Principal | None = None,
+        *,
+        max_live_instances: int = 0,
+        max_plugins: int = 0,
+        first_check: FirstCheck | None = None,
+    ) -> Registered:
+        """Add an instance under a fresh id, replacing the one at the same (name, address).
+
+        With a principal, the name and the claims are checked against ownership
+        first, and recorded for it when absent. ``principal=None`` (open mode)
+        checks and records no ownership. ``max_live_instances`` (0: no limit)
+        bounds the live instances of the names a non-admin principal owns, and
+        ``max_plugins`` (0: no limit) the plugins held in all (:meth:`check_room`);
+        a replacement counts as one more for neither. ``first_check``, made before
+        (:meth:`check_register`), gives the new instance its status, last check and
+        last error; without one it is UNKNOWN, not checked yet.
+
+        Raises:
+            PermissionDenied: the principal may not use the name, or a source or the
+                emitter name belongs to another principal or is not its to claim.
+            AlreadyExists: a source or the emitter name belongs to another plugin name
+                that has a live instance.
+            ResourceExhausted: the principal's live instances or the plugins held
+                reached their limit.
+        """
+        replaced = self.check_register(
+            registration,
+            principal,
+            max_live_instances=max_live_instances,
+            max_plugins=max_plugins,
+        )
         plugin = Plugin(
             plugin_id=new_ulid(),
             registration=registration,
-            status=PluginStatus.UNKNOWN,
+            status=PluginStatus.UNKNOWN if first_check is None else first_check.status,
             registered_at=now,
             last_heartbeat_at=now if registration.lease_ttl_seconds else None,
+            last_check_at=None if first_check is None else first_check.checked_at,
+            last_error="" if first_check is None else first_check.error,
             revision=self.revision + 1,
             status_since=now,
         )
@@ -351,7 +393,7 @@ class Catalog:
         plugin = self._by_id.get(plugin_id)
         if plugin is None:
             return None
-        touched = dataclasses.replace(plugin, **fields)  # type: ignore[arg-type]
+        touched = plugin.with_fields(**fields)
         self._replace(plugin, touched)
         return touched
 

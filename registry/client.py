@@ -28,7 +28,7 @@ import ipaddress
 import random
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
@@ -45,6 +45,9 @@ from registry.errors import (
 )
 from registry.trust.tls import TlsFiles, channel_credentials
 from registry.wire import pb, pb_grpc
+
+if TYPE_CHECKING:
+    from registry.keeper import KeepAliveStream
 
 DEFAULT_REGISTRY = "127.0.0.1:50051"
 AUTHORIZATION = "authorization"
@@ -565,6 +568,24 @@ class RegistryClient:
             raise self._error_at(index, exc) from exc
         finally:
             call.cancel()
+
+    def keep_alive(self, *, timeout: float | None = None) -> KeepAliveStream:
+        """A KeepAlive stream (SPEC §1.3): renew many leases over one stream.
+
+        Opened on :attr:`current_address` at its first renewal and again after it
+        breaks; each renewal waits ``timeout`` seconds at most (default: the client's).
+        See :mod:`registry.keeper`.
+        """
+        from registry.keeper import KeepAliveStream  # it builds on this module
+
+        return KeepAliveStream(self, timeout=timeout)
+
+    def skip(self, address: str) -> None:
+        """A stream to ``address`` broke (UNAVAILABLE): start the next call past it."""
+        for index, replica in enumerate(self._replicas):
+            if replica.address == address:
+                self._move_on(index)
+                return
 
     async def _call(self, name: str, request: Any) -> Any:
         if len(self._replicas) == 1:

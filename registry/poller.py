@@ -6,6 +6,15 @@ each call with a deadline, over one cached channel per address. Hysteresis:
 ``healthy_threshold`` successes make it HEALTHY again; the first success takes an
 UNKNOWN plugin straight to HEALTHY.
 
+The first check of a registration is made before it is stored (:meth:`HealthChecker.
+first_check`, called by Register on the leader once every cheap refusal is past), by
+the same path as any check: the address vetted, the cached channel, a fast-lane slot.
+Its result is folded into the registration's one change (HEALTHY, or its error), and the
+next check comes at the interval. Registrations at one address and type share that call.
+When it does not answer within Register's short wait (or no fast-lane slot is free) the
+plugin is stored UNKNOWN, and the call still in flight gives it its first result when it
+ends (else it is checked at once, as before).
+
 Isolation (SPEC §7 "Work does not depend on a hanging peer"): a check that comes due
 joins the *lane* of its plugin's address and type, never a queue shared by every
 plugin. A lane has at most ``per_address`` calls in flight; checks that come due while
@@ -48,19 +57,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
 
+from registry.catalog import FirstCheck
 from registry.errors import InvalidArgument, RegistryUnavailable
 from registry.model import Change, Plugin, PluginStatus, PluginType
 from registry.state import RegistryState
+from registry.timers import SlottedTimers
 from registry.trust.addresses import (
     AddressPolicy,
     AddressRefused,
@@ -178,7 +190,8 @@ class HealthChecker:
         self._state = state
         self._settings = settings
         self._streaks: dict[str, _Streak] = {}
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        # Every plugin's next check, on one loop timer; due ones come in batches.
+        self._timers: SlottedTimers[str] = SlottedTimers(self._due_batch)
         self._channels: dict[str, _Channel] = {}
         self._dialer = PluginDialer(settings.address_policy, settings.resolver, settings.plugin_tls)
         # One vetting (parse, policy, DNS) in flight per address, shared by its checks.
@@ -190,6 +203,12 @@ class HealthChecker:
         self._ready: dict[_Key, None] = {}
         self._urgent_ready: dict[_Key, None] = {}
         self._checks: set[asyncio.Task[None]] = set()
+        # First checks of registrations not stored yet, one call per lane at most; the
+        # plugins stored meanwhile (the wait ran out) that take its result; how many
+        # registrations are inside first_check() per address (their channel is kept).
+        self._first: dict[_Key, asyncio.Task[tuple[bool, str]]] = {}
+        self._late: dict[_Key, list[str]] = {}
+        self._holding: dict[str, int] = {}
         self._pending: dict[str, Plugin] = {}
         self._flush_wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
@@ -213,8 +232,6 @@ class HealthChecker:
             return
         self._running = True
         # Whatever was tracked while stopped (a follower's changes) is scheduled afresh.
-        for timer in self._timers.values():
-            timer.cancel()
         self._timers.clear()
         self._streaks.clear()
         self._flusher = asyncio.create_task(self._flush_loop(), name="health-flush")
@@ -225,10 +242,9 @@ class HealthChecker:
     async def stop(self) -> None:
         """Cancel checks and close channels. Idempotent; safe before start."""
         self._running = False
-        for timer in self._timers.values():
-            timer.cancel()
         self._timers.clear()
-        tasks = [*self._checks, *filter(None, [self._flusher])]
+        tasks: list[asyncio.Task[Any]] = [*self._checks, *self._first.values()]
+        tasks += filter(None, [self._flusher])
         tasks += [c.watcher for c in self._channels.values() if c.watcher is not None]
         vetting, self._vetting = list(self._vetting.values()), {}
         for task in [*tasks, *vetting]:
@@ -238,6 +254,7 @@ class HealthChecker:
                 await task
         await asyncio.gather(*vetting, return_exceptions=True)
         self._flusher = None
+        self._late.clear()
         self._lanes.clear()
         self._ready.clear()
         self._urgent_ready.clear()
@@ -258,13 +275,16 @@ class HealthChecker:
 
     def _on_changes(self, changes: list[Change]) -> None:
         for change in changes:
+            if change.removed:
+                # A registration that replaces an instance at its address keeps the
+                # channel: it uses it before the old one is forgotten.
+                self._adopt_channels(change.upserted)
             for plugin in change.removed:
                 self._forget(plugin.plugin_id)
             for plugin in change.upserted:
                 streak = self._streaks.get(plugin.plugin_id)
                 if streak is None:
-                    self._streaks[plugin.plugin_id] = _Streak(first=True)
-                    self._schedule(plugin.plugin_id, 0.0)
+                    self._track(plugin)
                 elif plugin.status is PluginStatus.UNKNOWN and not streak.first:
                     # Back to UNKNOWN only by an undrain: check it at once, by the fast
                     # lane (a call in flight reschedules it when it ends).
@@ -272,18 +292,75 @@ class HealthChecker:
                     if not streak.busy:
                         self._schedule(plugin.plugin_id, 0.0)
 
+    def check_now(self, plugin_ids: Iterable[str]) -> None:
+        """Check these plugins at once, by the fast lane (a KeepAlive stream broke).
+
+        Each is a suspect until a check passes (retried every ``suspect_retry`` up to
+        the threshold), as when its channel broke. Ids not tracked are ignored; one in
+        a call now is checked again when that call ends. A no-op while stopped (a
+        follower checks nothing: the leader's leases decide there).
+        """
+        for plugin_id in plugin_ids:
+            streak = self._streaks.get(plugin_id)
+            if streak is None:
+                continue
+            streak.suspect = True
+            if not streak.busy:
+                self._schedule(plugin_id, 0.0)
+
+    def _track(self, plugin: Plugin) -> None:
+        """Start checking a new instance: at the interval when its first check was
+        folded into its registration, else at once (or by the first check in flight)."""
+        plugin_id = plugin.plugin_id
+        key = (plugin.address, plugin.registration.type)
+        streak = self._streaks[plugin_id] = _Streak(first=True, key=key)
+        entry = self._adopt_channels((plugin,))
+        if plugin.last_check_at is not None:
+            # Checked as it registered (first_check): the next check is a regular one.
+            streak.first = False
+            streak.successes, streak.failures = (0, 1) if plugin.last_error else (1, 0)
+            if entry is None and not plugin.last_error:
+                # It passed, but that channel is gone since (its connection broke, or
+                # it was closed): a suspect, as if it had broken under it.
+                streak.suspect = True
+                self._schedule(plugin_id, 0.0)
+            else:
+                self._schedule(plugin_id, self._settings.interval * random.uniform(0.9, 1.1))
+            return
+        task = self._first.get(key)
+        if task is not None and not task.done():
+            # Its first check is in flight still (Register's wait ran out): its end
+            # records the result and schedules the next check, as a call's end does.
+            streak.busy = True
+            self._late.setdefault(key, []).append(plugin_id)
+            return
+        self._schedule(plugin_id, 0.0)
+
+    def _adopt_channels(self, plugins: tuple[Plugin, ...]) -> _Channel | None:
+        """Make new instances users of the cached channel of their address, if any.
+
+        Returns the last one's channel (None: none cached)."""
+        entry = None
+        for plugin in plugins:
+            entry = self._channels.get(plugin.address)
+            if entry is not None:
+                entry.users.add(plugin.plugin_id)
+        return entry
+
     def _schedule(self, plugin_id: str, delay: float) -> None:
         if not self._running:
             return
-        old = self._timers.pop(plugin_id, None)
-        if old is not None:
-            old.cancel()
-        loop = asyncio.get_running_loop()
-        self._timers[plugin_id] = loop.call_later(delay, self._due, plugin_id)
+        # Put off by at most 0.1 s (a tenth of a short delay) to share a slot, so
+        # that checks due close together make one call per lane (registry.timers).
+        self._timers.schedule(plugin_id, delay)
+
+    def _due_batch(self, plugin_ids: list[str]) -> None:
+        for plugin_id in plugin_ids:
+            self._due(plugin_id)
 
     def _due(self, plugin_id: str) -> None:
         """A check is due: queue the plugin in its lane (once), by the fast lane if urgent."""
-        self._timers.pop(plugin_id, None)
+        self._timers.cancel(plugin_id)
         streak = self._streaks.get(plugin_id)
         if streak is None or streak.busy:
             return  # gone, or in a call now, whose end schedules the next check
@@ -362,9 +439,7 @@ class HealthChecker:
     def _forget(self, plugin_id: str) -> None:
         streak = self._streaks.pop(plugin_id, None)
         self._pending.pop(plugin_id, None)
-        timer = self._timers.pop(plugin_id, None)
-        if timer is not None:
-            timer.cancel()
+        self._timers.cancel(plugin_id)
         if streak is None or streak.key is None:
             return
         lane = self._lanes.get(streak.key)
@@ -420,11 +495,15 @@ class HealthChecker:
                 self._schedule(plugin_id, delay)
 
     async def _probe(self, key: _Key, plugin_ids: list[str]) -> tuple[bool, str]:
-        address, plugin_type = key
         try:
-            entry = await self._channel(address, plugin_ids)
+            entry = await self._channel(key[0], plugin_ids)
         except _Refused as refused:
             return False, refused.error
+        return await self._ask(key, entry)
+
+    async def _ask(self, key: _Key, entry: _Channel) -> tuple[bool, str]:
+        """One Health call over ``entry``: (passed, last_error)."""
+        address, plugin_type = key
         stub = entry.emitter if plugin_type is PluginType.EMITTER else entry.ingestor
         self.calls += 1
         try:
@@ -544,6 +623,110 @@ class HealthChecker:
                 log.warning("status changes not stored: %s", exc)
             except Exception:
                 log.exception("status flush failed")
+
+    # -- first checks (of registrations, before they are stored) ------------------
+
+    @contextlib.asynccontextmanager
+    async def first_check(
+        self, address: str, plugin_type: PluginType, wait: float
+    ) -> AsyncIterator[FirstCheck | None]:
+        """The first check of a registration at ``address``, to fold into its change.
+
+        Made before the registration is stored, by the checker's own path (the address
+        vetted by the policy, the cached channel, a fast-lane slot); the registrations
+        of one address and type that come meanwhile share its call. Yields None when
+        no answer came within ``wait`` seconds, no fast-lane slot is free, or the
+        checker is not running: stored UNKNOWN, the plugin then takes the result of the
+        call in flight when it ends, or is checked at once if there is none.
+
+        Store the registration inside the block: a channel opened for a registration
+        that is then not stored is closed on leaving it.
+        """
+        self._holding[address] = self._holding.get(address, 0) + 1
+        try:
+            yield await self._first_result((address, plugin_type), wait)
+        finally:
+            held = self._holding.pop(address) - 1
+            if held:
+                self._holding[address] = held
+            self._settle(address)
+
+    async def _first_result(self, key: _Key, wait: float) -> FirstCheck | None:
+        if not self._running or wait <= 0:
+            return None
+        task = self._first.get(key)
+        if task is None:
+            if not self._urgent_free:
+                return None  # the fast lane is full: checked once stored, by its queue
+            self._urgent_free -= 1
+            task = asyncio.create_task(self._first_call(key), name="health-first-check")
+            self._first[key] = task
+            task.add_done_callback(functools.partial(self._first_done, key))
+        # The call goes on when the wait runs out (or Register is cancelled).
+        done, _ = await asyncio.wait((task,), timeout=wait)
+        if not done or task.cancelled() or task.exception() is not None:
+            return None
+        ok, error = task.result()
+        self.results += 1
+        # As a first check stored UNKNOWN would move it: thresholds (hysteresis) apply.
+        if ok:
+            status = PluginStatus.HEALTHY
+        elif self._settings.unhealthy_threshold <= 1:
+            status = PluginStatus.UNHEALTHY
+        else:
+            status = PluginStatus.UNKNOWN
+        return FirstCheck(status, self._state.clock(), error)
+
+    async def _first_call(self, key: _Key) -> tuple[bool, str]:
+        address = key[0]
+        entry = self._channels.get(address)
+        if entry is None:
+            try:
+                target = await self._vet(address)
+            except _Refused as refused:
+                return False, refused.error
+            entry = self._channels.get(address) or self._open(address, target)
+        return await self._ask(key, entry)
+
+    def _first_done(self, key: _Key, task: asyncio.Task[tuple[bool, str]]) -> None:
+        """A first check ended: free its slot, give its result to those stored meanwhile."""
+        if self._first.get(key) is task:
+            del self._first[key]
+        self._release(urgent=True)
+        result = None
+        if not task.cancelled():
+            if task.exception() is None:
+                result = task.result()
+            else:
+                log.error("first health check at %s failed", key[0], exc_info=task.exception())
+        entry = self._channels.get(key[0])
+        for plugin_id in self._late.pop(key, ()):
+            streak = self._streaks.get(plugin_id)
+            if streak is None:
+                continue
+            streak.busy = False
+            if result is None:
+                self._schedule(plugin_id, 0.0)  # still its first: by the fast lane
+                continue
+            if entry is not None:
+                entry.users.add(plugin_id)
+            self._record(plugin_id, *result)
+            delay = (
+                self._settings.suspect_retry
+                if streak.suspect
+                else self._settings.interval * random.uniform(0.9, 1.1)
+            )
+            self._schedule(plugin_id, delay)
+        self._settle(key[0])
+
+    def _settle(self, address: str) -> None:
+        """Close the channel of ``address`` if first checks opened it for nobody."""
+        entry = self._channels.get(address)
+        if entry is None or entry.users or address in self._holding:
+            return
+        if any(key[0] == address for key in self._first):
+            return
+        self._close_channel(address)
 
     # -- channels --------------------------------------------------------------
 

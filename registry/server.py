@@ -61,6 +61,45 @@ QUARANTINED = "quarantined: stored address no longer valid"
 _QUARANTINE_SHOWN = 10  # plugins the one quarantine log line names
 
 
+class _Registration:
+    """Takes the method handlers the generated registration hands a server."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        """Built again from the method handlers (see :func:`add_registry_servicer`)."""
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def add_registry_servicer(service: RegistryService, server: grpc.aio.Server) -> None:
+    """The generated registration of PluginRegistry, Watch sending encoded messages as they are.
+
+    The watch hub encodes each message once for every watcher that gets it and yields
+    the bytes (registry.watch); Watch's response serializer is None, so gRPC sends
+    them without parsing or serialising them again. The interceptors keep the
+    serializer of the handler they wrap (registry.interception).
+    """
+    taken = _Registration()
+    pb_grpc.add_PluginRegistryServicer_to_server(service, taken)
+    handlers = taken.handlers
+    watch = handlers["Watch"]
+    handlers["Watch"] = grpc.unary_stream_rpc_method_handler(
+        watch.unary_stream,
+        request_deserializer=watch.request_deserializer,
+        response_serializer=None,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(taken.service, handlers),)
+    )
+    server.add_registered_method_handlers(taken.service, handlers)
+
+
 @dataclass(frozen=True, slots=True)
 class _Trust:
     interceptor: AuthInterceptor
@@ -208,8 +247,9 @@ class RegistryServer(AsyncService):
             replication=replication,
             status=replication.status if replication is not None else self._single_status,
             metrics=metrics,
+            checker=self._checker,
         )
-        pb_grpc.add_PluginRegistryServicer_to_server(service, server)
+        add_registry_servicer(service, server)
         policy = self.policy
         pb_grpc.add_RegistryReplicaServicer_to_server(
             ReplicaServicer(

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from google.protobuf.empty_pb2 import Empty
 
-from registry import convert
+from registry import convert, keepalive
+from registry.catalog import FirstCheck
 from registry.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -35,6 +36,7 @@ from registry.errors import (
 )
 from registry.labels import parse_selector
 from registry.model import Principal
+from registry.poller import HealthChecker
 from registry.replica.forward import REVISION_KEY
 from registry.replica.node import Replication
 from registry.settings import POLICY_MAX_INSTANCES, RegistrySettings
@@ -185,8 +187,11 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         replication: Replication | None = None,
         status: Callable[[], Awaitable[pb.RegistryStatus]] | None = None,
         metrics: RegistryMetrics | None = None,
+        checker: HealthChecker | None = None,
     ) -> None:
         self._state = state
+        # Told of the plugins a KeepAlive stream renewed when the stream ends.
+        self._checker = checker
         self._replication = replication
         self._status = status
         self._hub = hub
@@ -269,13 +274,32 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
             )
             return answer
         principal = current_principal()
-        # max_plugins again, where nothing can come between the count and the store.
-        plugin = await self._state.register(
-            registration,
-            principal,
-            max_live_instances=self._max_instances,
-            max_plugins=settings.max_plugins,
-        )
+        # The first health check is folded into the one change that stores the plugin
+        # (SPEC §5: one watch message per registration), once every cheap refusal is
+        # past: a registration that would be refused makes the registry dial nothing.
+        wait = settings.first_check_wait
+        checker = self._checker if wait else None
+        first: contextlib.AbstractAsyncContextManager[FirstCheck | None]
+        if checker is not None:
+            self._state.check_register(
+                registration,
+                principal,
+                max_live_instances=self._max_instances,
+                max_plugins=settings.max_plugins,
+            )
+            first = checker.first_check(registration.address, registration.type, wait)
+        else:
+            first = contextlib.nullcontext(None)
+        async with first as check:
+            # The rules again (max_plugins too), where nothing can come between the
+            # checks and the store.
+            plugin = await self._state.register(
+                registration,
+                principal,
+                max_live_instances=self._max_instances,
+                max_plugins=settings.max_plugins,
+                first_check=check,
+            )
         _audit(
             context,
             principal,
@@ -332,6 +356,52 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
         if answer.acknowledged and plugin is not None:
             follower.learn_owner(plugin.name, principal)
         return answer
+
+    @_status_mapped
+    async def KeepAlive(
+        self, requests: AsyncIterator[pb.KeepAliveRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        """Renew leases over one stream, one answer per request, in order (SPEC §1.3).
+
+        Each request as a Heartbeat (same checks, same metrics); the stream's end
+        checks the plugins it renewed at once (:mod:`registry.keepalive`).
+        """
+        await keepalive.serve(context, functools.partial(self._renew, context), self._checker)
+
+    def _renew(
+        self, context: grpc.aio.ServicerContext, plugin_id: str
+    ) -> pb.KeepAliveResponse | Awaitable[pb.KeepAliveResponse]:
+        """One KeepAlive request: answered here, or awaitable on a follower."""
+        follower = self._follower()
+        if follower is not None:
+            return self._follower_renew(follower, plugin_id, context)
+        _, plugin_id = self._instance(plugin_id)
+        plugin = self._state.heartbeat(plugin_id)
+        if self._metrics is not None:
+            self._metrics.heartbeat(plugin is not None)
+        if plugin is None:
+            return pb.KeepAliveResponse(plugin_id=plugin_id)
+        return pb.KeepAliveResponse(
+            plugin_id=plugin_id,
+            acknowledged=True,
+            lease_ttl_seconds=plugin.registration.lease_ttl_seconds,
+        )
+
+    async def _follower_renew(
+        self, follower: Replication, plugin_id: str, context: grpc.aio.ServicerContext
+    ) -> pb.KeepAliveResponse:
+        """A renewal on a follower: as its Heartbeat (:meth:`_follower_heartbeat`)."""
+        answer = await self._follower_heartbeat(
+            follower, pb.HeartbeatRequest(plugin_id=plugin_id), context
+        )
+        if self._metrics is not None:
+            self._metrics.heartbeat(answer.acknowledged)
+        plugin = self._state.view.get(plugin_id) if answer.acknowledged else None
+        return pb.KeepAliveResponse(
+            plugin_id=plugin_id,
+            acknowledged=answer.acknowledged,
+            lease_ttl_seconds=plugin.registration.lease_ttl_seconds if plugin else 0,
+        )
 
     @_status_mapped
     async def Unregister(
@@ -492,7 +562,7 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
 
     async def Watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchResponse]:
+    ) -> AsyncIterator[bytes]:  # encoded WatchResponses (registry.server)
         try:
             if request.since_revision < 0:
                 raise InvalidArgument("since_revision", "must not be negative")

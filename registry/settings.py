@@ -83,6 +83,9 @@ class RegistrySettings:
     health_concurrency: int = 256
     # A plugin whose connection broke is re-checked this often until it passes or fails.
     suspect_retry: float = 0.1
+    # How long Register waits for a new plugin's first health check, to store it with
+    # the result (one change, one watch message); past it, it is stored UNKNOWN. 0: off.
+    first_check_wait: float = 0.25
     reap_interval: float = 0.5
     watch_progress_interval: float = 5.0
     watch_max_backlog: int = 1024
@@ -162,6 +165,10 @@ class RegistrySettings:
             "db_check_interval": (self.db_check_interval > 0, "must be positive"),
             "health_concurrency": (self.health_concurrency >= 1, "must be at least 1"),
             "suspect_retry": (self.suspect_retry > 0, "must be positive"),
+            "first_check_wait": (
+                0 <= self.first_check_wait <= 60,
+                "must be from 0 (off) to 60 seconds",
+            ),
             "reap_interval": (self.reap_interval > 0, "must be positive"),
             "watch_progress_interval": (self.watch_progress_interval > 0, "must be positive"),
             "watch_max_backlog": (self.watch_max_backlog >= 1, "must be at least 1"),

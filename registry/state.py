@@ -30,7 +30,7 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from registry.catalog import Catalog, Released
+from registry.catalog import Catalog, FirstCheck, Released
 from registry.errors import RegistryUnavailable, StoreError
 from registry.journal import Journal
 from registry.model import Change, Plugin, Principal, Registration
@@ -243,12 +243,14 @@ class RegistryState:
         *,
         max_live_instances: int = 0,
         max_plugins: int = 0,
+        first_check: FirstCheck | None = None,
     ) -> Plugin:
         """Store a new instance, and the ownership it records; durable when this returns.
 
         ``principal=None`` is open mode: no ownership is checked or recorded.
         ``max_live_instances`` (0: off) bounds a non-admin principal's live instances,
-        ``max_plugins`` (0: off) the plugins held in all.
+        ``max_plugins`` (0: off) the plugins held in all. ``first_check`` is folded
+        into the one change that stores it (status, last check, last error).
 
         Raises:
             PermissionDenied: the principal may not use the name or a claim.
@@ -264,6 +266,7 @@ class RegistryState:
             principal,
             max_live_instances=max_live_instances,
             max_plugins=max_plugins,
+            first_check=first_check,
         )
         journal.record(change, ownership)
         await journal.commit()
@@ -287,6 +290,28 @@ class RegistryState:
         # Even with nothing to release: a release in flight is durable when we answer.
         await journal.commit()
         return released
+
+    def check_register(
+        self,
+        registration: Registration,
+        principal: Principal | None = None,
+        *,
+        max_live_instances: int = 0,
+        max_plugins: int = 0,
+    ) -> None:
+        """Refuse early, changing nothing, what :meth:`register` would refuse now.
+
+        Raises:
+            PermissionDenied, AlreadyExists, ResourceExhausted: as :meth:`register`.
+            RegistryUnavailable: the database cannot take writes now.
+        """
+        self._writer()
+        self.catalog.check_register(
+            registration,
+            principal,
+            max_live_instances=max_live_instances,
+            max_plugins=max_plugins,
+        )
 
     def check_room(self, registration: Registration, max_plugins: int) -> None:
         """Refuse early what :meth:`register` would refuse for ``max_plugins``.

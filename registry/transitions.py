@@ -4,16 +4,16 @@ On the logger ``registry.transitions``, next to ``registry.audit`` (which says w
 asked for a write, SPEC §6), this says what happened to a plugin, whoever caused it
 (a client, the health checker, the lease reaper, an operator's drain)::
 
-    plugin registered id=01J… name=lines address=127.0.0.1:7000 new → UNKNOWN:
-        lease 10s (revision 3)
-    plugin status changed id=01J… name=lines address=127.0.0.1:7000 UNKNOWN → HEALTHY:
-        health check passed (revision 4)
+    plugin registered id=01J… name=lines address=127.0.0.1:7000 new → HEALTHY:
+        lease 10s; first check: passed (revision 3)
     plugin status changed id=01J… name=lines address=127.0.0.1:7000 HEALTHY → UNHEALTHY:
         UNAVAILABLE: unreachable, or not a gRPC server (revision 5)
     plugin removed id=01J… name=lines address=127.0.0.1:7000 UNHEALTHY → removed:
         deregister_after: UNHEALTHY for over 300s (revision 9)
 
-(one line each, folded here).
+(one line each, folded here). A plugin whose first check did not answer within
+Register's wait is registered ``new → UNKNOWN: lease 10s``, and its first result is
+a status change of its own.
 Each line also carries its fields for the JSON format (``extra=``): ``event``
 (``registered``, ``status_changed``, ``removed``), ``plugin_id``, ``plugin_name``,
 ``address``, ``from_status`` and ``to_status`` (``null`` for "new" and "removed"),
@@ -96,7 +96,7 @@ class TransitionLog:
         for plugin in change.upserted:
             before = self._statuses.get(plugin.plugin_id)
             if before is None and _fresh(plugin, change):
-                reason = _lease(plugin)
+                reason = _lease(plugin) + _first_check(plugin)
                 old = replaced.get((plugin.name, plugin.address))
                 if old is not None:
                     successors[old.plugin_id] = plugin.plugin_id
@@ -163,12 +163,19 @@ class TransitionLog:
 
 
 def _fresh(plugin: Plugin, change: Change) -> bool:
-    """Whether this change made the plugin: UNKNOWN since it was registered, by this change."""
-    return (
-        plugin.status is PluginStatus.UNKNOWN
-        and plugin.revision == change.revision
-        and plugin.status_since in (None, plugin.registered_at)
+    """Whether this change made the plugin: in its status since it was registered, by
+    this change (UNKNOWN, or what its first check, folded in, made it)."""
+    return plugin.revision == change.revision and plugin.status_since in (
+        None,
+        plugin.registered_at,
     )
+
+
+def _first_check(plugin: Plugin) -> str:
+    """What the first check folded into the registration said, if it was made."""
+    if plugin.last_check_at is None:
+        return ""
+    return f"; first check: {plugin.last_error or 'passed'}"
 
 
 def _lease(plugin: Plugin) -> str:

@@ -4,10 +4,11 @@
 //   npm install && node plugin.js --registry 127.0.0.1:50051
 //
 // It loads the contract straight from ../../proto, serves polku.v1.IngestorPlugin,
-// registers with the registry, heartbeats at the interval the registry returns,
-// registers again whenever a heartbeat is not acknowledged (the registry restarted
-// with a fresh database, or the lease lapsed), and on SIGTERM/SIGINT unregisters,
-// lets calls in flight finish, and exits 0.
+// registers with the registry, renews its lease at the interval the registry returns
+// over one KeepAlive stream (unary Heartbeat against a registry without KeepAlive,
+// which answers UNIMPLEMENTED), registers again whenever a renewal is not acknowledged
+// (the registry restarted with a fresh database, or the lease lapsed), and on
+// SIGTERM/SIGINT unregisters, lets calls in flight finish, and exits 0.
 //
 // Options (each optional): --registry ADDR (else $POLKU_REGISTRY, else 127.0.0.1:50051),
 // --listen HOST:PORT (127.0.0.1:0), --advertise HOST:PORT (the address to register when
@@ -172,6 +173,7 @@ let registry = newRegistryClient();
 // A channel that failed to connect waits out gRPC's reconnect backoff; a new one
 // dials at once, so a restarted registry is found on the next attempt.
 function resetRegistryClient() {
+  closeKeepAlive();
   registry.close();
   registry = newRegistryClient();
 }
@@ -183,6 +185,70 @@ function call(method, request, timeoutMs = CALL_TIMEOUT_MS) {
     if (plainBearer) registry[method](request, plainBearer.clone(), options, done);
     else registry[method](request, options, done);
   });
+}
+
+// -- renewals: one KeepAlive stream, one answer per request, in order ------------------
+
+let keepAlive = null; // { stream, waiting: [{ resolve, reject }] } while a stream is open
+let keepAliveUnsupported = false; // the registry answered UNIMPLEMENTED: unary from then on
+
+function failWaiting(state, err) {
+  if (keepAlive === state) keepAlive = null;
+  for (const waiter of state.waiting.splice(0)) waiter.reject(err);
+}
+
+function openKeepAlive() {
+  const stream = plainBearer ? registry.KeepAlive(plainBearer.clone()) : registry.KeepAlive();
+  const state = { stream, waiting: [] };
+  stream.on('data', (response) => {
+    const waiter = state.waiting.shift();
+    if (waiter) waiter.resolve(response);
+  });
+  stream.on('error', (err) => failWaiting(state, err));
+  stream.on('end', () => {
+    const err = new Error('the registry ended the KeepAlive stream');
+    err.code = grpc.status.UNAVAILABLE;
+    failWaiting(state, err);
+  });
+  keepAlive = state;
+  return state;
+}
+
+function closeKeepAlive() {
+  const state = keepAlive;
+  keepAlive = null;
+  if (state) state.stream.cancel(); // its 'error' (CANCELLED) fails what still waits
+}
+
+function renewOverStream(id) {
+  const state = keepAlive || openKeepAlive();
+  return new Promise((resolve, reject) => {
+    const timeout = setTimeout(() => {
+      const err = new Error(`no KeepAlive answer within ${CALL_TIMEOUT_MS} ms`);
+      err.code = grpc.status.DEADLINE_EXCEEDED;
+      reject(err);
+      if (keepAlive === state) closeKeepAlive(); // broken: the next renewal opens another
+    }, CALL_TIMEOUT_MS);
+    state.waiting.push({
+      resolve: (response) => { clearTimeout(timeout); resolve(response); },
+      reject: (err) => { clearTimeout(timeout); reject(err); },
+    });
+    state.stream.write({ plugin_id: id });
+  });
+}
+
+// One renewal: over the stream, or unary Heartbeat against a registry without KeepAlive.
+async function renew(id) {
+  if (!keepAliveUnsupported) {
+    try {
+      return await renewOverStream(id);
+    } catch (err) {
+      if (err.code !== grpc.status.UNIMPLEMENTED) throw err;
+      keepAliveUnsupported = true;
+      log('the registry does not serve KeepAlive (an older one); heartbeating instead');
+    }
+  }
+  return call('Heartbeat', { plugin_id: id });
 }
 
 let address = '';
@@ -233,7 +299,7 @@ async function register() {
   return null;
 }
 
-// Register, heartbeat until the registry forgets this instance, and again.
+// Register, renew until the registry forgets this instance, and again.
 async function keepRegistered() {
   while (!stopping) {
     const response = await register();
@@ -241,7 +307,9 @@ async function keepRegistered() {
     pluginId = response.plugin_id; // kept even when stopping: shutdown unregisters it
     if (stopping) return;
     console.log(`registered ${pluginId}`);
-    const interval = (response.heartbeat_interval_seconds || 10) * 1000;
+    let interval = (response.heartbeat_interval_seconds || 10) * 1000;
+    // The interval is whole seconds: a 1 s lease is granted 1 s; renew thrice a TTL.
+    if (response.lease_ttl_seconds) interval = Math.min(interval, (response.lease_ttl_seconds * 1000) / 3);
     let delay = interval;
     let delays = backoff();
     let failing = false;
@@ -249,7 +317,7 @@ async function keepRegistered() {
       await sleep(delay);
       if (stopping) return;
       try {
-        const beat = await call('Heartbeat', { plugin_id: pluginId });
+        const beat = await renew(pluginId);
         if (!beat.acknowledged) {
           log(`registry no longer knows ${pluginId} (restarted or expired); registering again`);
           pluginId = null;
@@ -290,6 +358,7 @@ async function shutdown(exitCode) {
       log(`cannot unregister ${pluginId} (its lease will lapse): ${err.details || err.message}`);
     }
   }
+  closeKeepAlive();
   registry.close();
   const force = setTimeout(() => server.forceShutdown(), GRACE_MS);
   server.tryShutdown(() => {

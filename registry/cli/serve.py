@@ -53,6 +53,7 @@ SETTINGS_OPTIONS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("--health-timeout", duration, "deadline of one health check"),
     ("--unhealthy-threshold", count, "failed checks that make a plugin unhealthy"),
     ("--healthy-threshold", count, "passed checks that make it healthy again"),
+    ("--first-check-wait", duration, "how long Register waits for the first check (0: off)"),
     ("--deregister-after", duration, "how long an unhealthy or expired plugin stays"),
     ("--max-message-bytes", count, "largest request accepted"),
     ("--max-plugins", count, "registrations held at most"),

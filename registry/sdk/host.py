@@ -6,12 +6,14 @@
 
 Lifecycle: ``start()`` binds and starts the gRPC server, then a background task
 registers (retrying with backoff and jitter while the registry is unreachable,
-serving meanwhile), heartbeats at the interval the registry returns, and registers
-again whenever a heartbeat is not acknowledged (the registry restarted with a fresh
-database, or the lease lapsed). ``stop(grace)`` unregisters first, so the gateway
-stops routing here, then stops the server, letting calls in flight finish;
-``hurry()`` (a second SIGTERM, in ``run_plugin``) cuts the phase under way short,
-but never skips the unregister.
+serving meanwhile), renews its lease at the interval the registry returns, and
+registers again whenever a renewal is not acknowledged (the registry restarted with a
+fresh database, or the lease lapsed). Renewals go over one KeepAlive stream (SPEC
+§1.3) that every host of the process with the same registry settings shares; a
+registry that answers KeepAlive UNIMPLEMENTED (an older one) gets unary Heartbeats.
+``stop(grace)`` unregisters first, so the gateway stops routing here, then stops the
+server, letting calls in flight finish; ``hurry()`` (a second SIGTERM, in
+``run_plugin``) cuts the phase under way short, but never skips the unregister.
 
 Drain (SPEC §9): an operator may take this instance out of routing (DRAINING). The
 registry still acknowledges its heartbeats, so it keeps its id and does not register
@@ -38,6 +40,7 @@ import grpc
 
 from registry.client import DEFAULT_REGISTRY, RegistryClient, dial_target, parse_addresses
 from registry.errors import InvalidArgument, NotFound, RegistryError, RegistryUnavailable
+from registry.keeper import KeepAliveStream, KeepAliveUnsupported
 from registry.lifecycle import AsyncService
 from registry.sdk.handlers import (
     EmitFn,
@@ -57,6 +60,9 @@ log = logging.getLogger(__name__)
 # Heartbeat period when a registry grants no interval (it never should for a lease).
 _FALLBACK_INTERVAL = 10.0
 _WILDCARD_HOSTS = ("", "0.0.0.0", "[::]", "::")
+# After a registry answered KeepAlive UNIMPLEMENTED, renewals go unary this long
+# before the stream is tried again (a rolling upgrade may have reached it by then).
+UNARY_FOR = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +138,105 @@ def _route_host(registry: str) -> str:
     except (OSError, ValueError):
         return socket.gethostname()
     return f"[{local}]" if ":" in local else local
+
+
+_KeeperKey = tuple[asyncio.AbstractEventLoop, tuple[str, ...], str | None, TlsFiles | None, float]
+
+
+class _Keeper:
+    """The KeepAlive stream the hosts of one process share, per registry and credentials.
+
+    Hosts made with the same registry addresses, token, TLS files and timeout on one
+    event loop renew over one stream (SPEC §1.3: one per process), through a client of
+    its own, opened at the first renewal where the asking host's client stands. A
+    stream that breaks is reopened by the next renewal (the hosts back off between
+    attempts); an unreachable registry gets a new channel, past the address that
+    failed. A registry without KeepAlive gets unary Heartbeats for :data:`UNARY_FOR`
+    seconds, then the stream is tried again.
+    """
+
+    _shared: dict[_KeeperKey, _Keeper] = {}
+
+    def __init__(self, key: _KeeperKey) -> None:
+        self._key = key
+        self.users = 0
+        self._client: RegistryClient | None = None
+        self._stream: KeepAliveStream | None = None
+        self._unary_until = float("-inf")
+
+    @classmethod
+    def acquire(cls, key: _KeeperKey) -> _Keeper:
+        keeper = cls._shared.get(key)
+        if keeper is None:
+            keeper = cls._shared[key] = cls(key)
+        keeper.users += 1
+        return keeper
+
+    async def release(self) -> None:
+        self.users -= 1
+        if self.users > 0:
+            return
+        if self._shared.get(self._key) is self:
+            del self._shared[self._key]
+        await self._close()
+
+    async def renew(self, plugin_id: str, first: str) -> bool:
+        """Renew one lease; False: the registry no longer knows it (register again).
+
+        Raises:
+            RegistryError: as ``RegistryClient.heartbeat`` (the caller backs off).
+        """
+        client = self._client
+        if client is None:
+            client = self._client = self._new_client(first)
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._unary_until:
+            return await self._unary(client, plugin_id)
+        stream = self._stream
+        if stream is None:
+            stream = self._stream = client.keep_alive()
+        try:
+            response = await stream.renew(plugin_id)
+        except KeepAliveUnsupported as exc:
+            log.info("%s; heartbeating instead", exc)
+            self._unary_until = loop.time() + UNARY_FOR
+            return await self._unary(client, plugin_id)
+        except RegistryUnavailable:
+            await self._reset(client)
+            raise
+        return response.acknowledged
+
+    async def _unary(self, client: RegistryClient, plugin_id: str) -> bool:
+        try:
+            return await client.heartbeat(plugin_id)
+        except RegistryUnavailable:
+            await self._reset(client)
+            raise
+
+    async def _reset(self, client: RegistryClient) -> None:
+        """A new channel past the address that failed (see ``PluginHost._reset_client``)."""
+        if client is not self._client:
+            return  # another renewal has reset it already
+        stream, self._stream = self._stream, None
+        self._client = self._new_client(client.current_address)
+        if stream is not None:
+            await stream.close()
+        await client.close()
+
+    def _new_client(self, first: str) -> RegistryClient:
+        _, addresses, token, tls, timeout = self._key
+        at = addresses.index(first) if first in addresses else 0
+        return RegistryClient(
+            addresses[at:] + addresses[:at], timeout=timeout, token=token, tls=tls
+        )
+
+    async def _close(self) -> None:
+        stream, self._stream = self._stream, None
+        client, self._client = self._client, None
+        if stream is not None:
+            await stream.close()
+        if client is not None:
+            await client.close()
 
 
 class PluginHost(AsyncService):
@@ -227,6 +332,7 @@ class PluginHost(AsyncService):
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._client: RegistryClient | None = None
+        self._keeper: _Keeper | None = None
         self._pools: list[ThreadPoolExecutor] = []
         self._task: asyncio.Task[None] | None = None
         self._pending: asyncio.Future[pb.RegisterResponse] | None = None
@@ -297,6 +403,15 @@ class PluginHost(AsyncService):
         self._server = server
         self._state = _State.STARTED
         self._client = self._new_client()
+        self._keeper = _Keeper.acquire(
+            (
+                asyncio.get_running_loop(),
+                self._registries,
+                self._token,
+                self._tls,
+                self._registry_timeout,
+            )
+        )
         self._task = asyncio.create_task(self._keep_registered(), name=f"plugin-{name}-registry")
         log.info("plugin %s listening on %s", name, self._address)
 
@@ -324,6 +439,9 @@ class PluginHost(AsyncService):
                         await self._stop_server(server, self.grace if grace is None else grace)
                 finally:
                     self._shutdown_pools()
+                    keeper, self._keeper = self._keeper, None
+                    if keeper is not None:
+                        await keeper.release()
                     if self._client is not None:
                         await self._client.close()
 
@@ -493,7 +611,7 @@ class PluginHost(AsyncService):
         while True:
             await asyncio.sleep(delay)
             try:
-                acknowledged = await self._client.heartbeat(plugin_id)
+                acknowledged = await self._renew(plugin_id)
             except Exception as exc:
                 failures += 1
                 if failures == 1:
@@ -511,6 +629,13 @@ class PluginHost(AsyncService):
                 log.info("heartbeat of %s acknowledged again", plugin_id)
             delay, delays, failures = interval, self._backoff.delays(), 0
             await self._check_drained(plugin_id, within=interval / 2)
+
+    async def _renew(self, plugin_id: str) -> bool:
+        """One renewal: over the process's KeepAlive stream, else a unary Heartbeat."""
+        assert self._client is not None
+        if self._keeper is None:
+            return await self._client.heartbeat(plugin_id)
+        return await self._keeper.renew(plugin_id, self._client.current_address)
 
     async def _check_drained(self, plugin_id: str, *, within: float) -> None:
         """Ask the registry whether it drained this instance; at most ``within`` seconds."""

@@ -63,13 +63,12 @@ async def test_a_debug_run_logs_each_transition_once_and_no_dependency_chatter(t
                 good = (
                     await client.register(plugin.info(), plugin.address, no_lease=True)
                 ).plugin_id
+                # Registered with its first check folded in: one line, new → HEALTHY.
                 await wait_output(
-                    process, f"id={good} name=lines address={plugin.address} UNKNOWN → HEALTHY"
+                    process, f"id={good} name=lines address={plugin.address} new → HEALTHY"
                 )
                 dead = (await client.register(info("dead"), DEAD, no_lease=True)).plugin_id
-                await wait_output(
-                    process, f"id={dead} name=dead address={DEAD} UNKNOWN → UNHEALTHY"
-                )
+                await wait_output(process, f"id={dead} name=dead address={DEAD} new → UNHEALTHY")
                 await client.unregister(good)
                 await wait_output(
                     process, f"id={good} name=lines address={plugin.address} HEALTHY → removed"
@@ -88,15 +87,14 @@ async def test_a_debug_run_logs_each_transition_once_and_no_dependency_chatter(t
     good_lines = transitions(lines, good)
     assert [(m["level"], m["message"].split(" id=")[0]) for m in good_lines] == [
         ("INFO", "plugin registered"),
-        ("INFO", "plugin status changed"),
         ("INFO", "plugin removed"),
     ]
     assert all("name=lines" in m["message"] for m in good_lines)
-    assert ": health check passed (revision" in good_lines[1]["message"]
-    assert ": unregistered (revision" in good_lines[2]["message"]
-    (registered, failed) = [(m["level"], m["message"]) for m in transitions(lines, dead)]
-    assert registered[0] == failed[0] == "INFO"
-    assert "UNKNOWN → UNHEALTHY: UNAVAILABLE" in failed[1]
+    assert ": no lease; first check: passed (revision" in good_lines[0]["message"]
+    assert ": unregistered (revision" in good_lines[1]["message"]
+    ((level, registered),) = [(m["level"], m["message"]) for m in transitions(lines, dead)]
+    assert level == "INFO"
+    assert "new → UNHEALTHY: no lease; first check: UNAVAILABLE" in registered
 
 
 async def test_json_format_prints_one_object_a_line_with_the_fields(tmp_path: Path):

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 
 from registry.catalog import Claim, Owner, Released
 from registry.errors import PermissionDenied, RegistryUnavailable, StoreError
@@ -163,24 +163,21 @@ async def test_a_failed_commit_takes_the_ownership_back(started, store, database
 async def test_the_ownership_rows_commit_in_the_registrations_transaction(started, store):
     transactions: list[list[str]] = []
 
-    def begin(conn: Any) -> None:
-        transactions.append([])
-
-    def statement(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
-        if transactions:
+    def statement(sql: str, rows: Any) -> None:
+        # The store's raw writer tells of each statement it sends, BEGIN included.
+        if sql.startswith("BEGIN"):
+            transactions.append([])
+        elif transactions:
             transactions[-1].append(sql.split("(")[0].strip().upper())
 
-    engine = store.engine.sync_engine
-    event.listen(engine, "begin", begin)
-    event.listen(engine, "before_cursor_execute", statement)
+    store.trace = statement
     try:
         async with started() as state:
             transactions.clear()
             await state.register(ingestor("alpha", "k8s"), A)
             written = [t for t in transactions if any("PLUGINS" in s for s in t)]
     finally:
-        event.remove(engine, "begin", begin)
-        event.remove(engine, "before_cursor_execute", statement)
+        store.trace = None
     assert len(written) == 1, transactions
     assert {"INSERT INTO PLUGINS", "INSERT INTO CHANGES", "INSERT INTO OWNERS"} <= set(written[0])
     assert "INSERT INTO CLAIMS" in written[0]

@@ -1,7 +1,8 @@
 """A heartbeat or a health result writes the lease and check fields, never the plugin row.
 
 SPEC §7 "Cost grows with work, not with size". The SQL the registry sends is watched
-with SQLAlchemy's ``before_cursor_execute`` event on the real engine: the statements
+on the real store (its raw writer's ``trace``, and SQLAlchemy's ``before_cursor_execute``
+on its engine for anything sent through it): the statements
 that store a heartbeat or a health result name ``plugin_leases`` alone, never
 ``plugins`` nor its labels, and bind a few bytes per plugin, a small fraction of what
 registering the same plugin binds. A registration (a full upsert) still writes it all.
@@ -93,24 +94,33 @@ class Recorder:
 
 
 @contextmanager
-def recording(engine: AsyncEngine) -> Iterator[Recorder]:
-    """Every statement ``engine`` executes, with its bound parameters."""
+def recording(store: SqlStore) -> Iterator[Recorder]:
+    """Every statement ``store`` sends, with its bound parameters."""
     recorder = Recorder()
 
     def before(conn: Any, cursor: Any, sql: str, parameters: Any, *args: Any) -> None:
         recorder.statements.append(Statement(sql, parameters))
 
-    event.listen(engine.sync_engine, "before_cursor_execute", before)
+    def sent(sql: str, rows: Any) -> None:
+        recorder.statements.append(Statement(sql, list(rows)))
+
+    event.listen(store.engine.sync_engine, "before_cursor_execute", before)
+    store.trace = sent
     try:
         yield recorder
     finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", before)
+        store.trace = None
+        event.remove(store.engine.sync_engine, "before_cursor_execute", before)
+
+
+def store_of(server: RegistryServer) -> SqlStore:
+    store = server.state.store
+    assert isinstance(store, SqlStore)
+    return store
 
 
 def engine_of(server: RegistryServer) -> AsyncEngine:
-    store = server.state.store
-    assert isinstance(store, SqlStore)
-    return store.engine
+    return store_of(server).engine
 
 
 def info(name: str) -> pb.PluginInfo:
@@ -153,7 +163,7 @@ async def test_a_registration_writes_the_whole_row_and_a_heartbeat_only_its_leas
         RegistryClient(server.address) as client,
     ):
         engine = engine_of(server)
-        with recording(engine) as registered:
+        with recording(store_of(server)) as registered:
             # Nothing listens on port 1: the first check fails, which changes no status.
             plugin_id = (
                 await client.register(
@@ -173,7 +183,7 @@ async def test_a_registration_writes_the_whole_row_and_a_heartbeat_only_its_leas
         await eventually(
             lambda: _checked(engine, plugin_id), within=DEADLINE, what="the first check stored"
         )
-        with recording(engine) as beat:
+        with recording(store_of(server)) as beat:
             assert await client.heartbeat(plugin_id)
             renewed = server.state.catalog.get(plugin_id)
             assert renewed is not None
@@ -205,7 +215,7 @@ async def test_a_health_result_writes_only_the_lease(tmp_path: Path) -> None:
             within=DEADLINE,
             what="HEALTHY",
         )
-        with recording(engine) as checks:
+        with recording(store_of(server)) as checks:
             calls = plugin.health_calls
             await eventually(
                 lambda: plugin.health_calls >= calls + 3, within=DEADLINE, what="3 more checks"
@@ -244,12 +254,12 @@ async def test_a_store_touch_is_one_narrow_statement(database_url: str) -> None:
         first = Batch(revision=1)
         for p in plugins:
             first.upsert(p)
-        with recording(store.engine) as full:
+        with recording(store) as full:
             await store.write(first)
         touches = Batch(revision=1)
         for p in plugins:
             touches.touch(p.plugin_id, Lease(last_heartbeat_at=t0 + timedelta(seconds=5)))
-        with recording(store.engine) as touched:
+        with recording(store) as touched:
             await store.write(touches)
         assert [s.table for s in touched.writes] == ["plugin_leases"]
         assert len(touched.writes[0].rows) == 100

@@ -176,6 +176,7 @@ class Matrix:
                 info=ingestor(name), address=DEAD, no_lease=True
             ),
             "Heartbeat": lambda: pb.HeartbeatRequest(plugin_id=UNKNOWN_ID),
+            "KeepAlive": lambda: pb.KeepAliveRequest(plugin_id=UNKNOWN_ID),
             "Unregister": lambda: pb.UnregisterRequest(plugin_id=UNKNOWN_ID),
             "Drain": lambda: pb.DrainRequest(plugin_id=UNKNOWN_ID),
             "ListPlugins": lambda: pb.ListPluginsRequest(),
@@ -200,6 +201,13 @@ class Matrix:
             stream = rpc(request, metadata=tuple(metadata), timeout=DEADLINE)
             try:
                 return await outcome(stream.read())  # the first message, or the refusal
+            finally:
+                stream.cancel()
+        if descriptor.client_streaming and descriptor.server_streaming:
+            stream = rpc(metadata=tuple(metadata), timeout=DEADLINE)
+            try:
+                await stream.write(request)
+                return await outcome(stream.read())  # the first answer, or the refusal
             finally:
                 stream.cancel()
         assert not descriptor.client_streaming, f"{method}: a client stream, add it here"

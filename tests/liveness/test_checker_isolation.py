@@ -243,19 +243,23 @@ async def test_fast_lane_runs_beside_a_regular_bound_held_by_a_hanging_call(tmp_
         assert (hanging.calls, hanging.in_flight) == (calls, 1)
 
 
-async def test_registrations_at_one_address_share_its_answer(tmp_path):
-    """One process, one question: due together, its registrations share one Health call."""
+@pytest.mark.parametrize("first_check_wait", [0.25, 0.0], ids=["folded", "poller"])
+async def test_registrations_at_one_address_share_its_answer(tmp_path, first_check_wait):
+    """One process, one question: due together, its registrations share one Health call,
+    whether Register waits for the first check (folded) or the poller makes it."""
     count = 100
     async with (
-        running_registry(tmp_path, health_interval=60) as registry,
+        running_registry(
+            tmp_path, health_interval=60, first_check_wait=first_check_wait
+        ) as registry,
         FakePlugin() as plugin,
         RegistryClient(registry.address) as client,
     ):
         plugin.health_delay = 0.2  # slow enough that registrations pile up behind a call
-        ids = {
-            (await client.register(plugin_info(f"many-{i}"), plugin.address)).plugin_id
-            for i in range(count)
-        }
+        registered = await asyncio.gather(
+            *(client.register(plugin_info(f"many-{i}"), plugin.address) for i in range(count))
+        )
+        ids = {r.plugin_id for r in registered}
 
         async def all_healthy() -> bool:  # as readers see them (stored, published)
             found = [registry.state.view.get(plugin_id) for plugin_id in ids]

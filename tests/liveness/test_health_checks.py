@@ -51,8 +51,10 @@ async def test_healthy_plugin_is_healthy_right_after_registering(tmp_path):
         ).plugin_id
 
         # The next periodic check is a minute away: only the check made at
-        # registration can have done this.
-        found = await wait_status(client, plugin_id, HEALTHY)
+        # registration can have done this, folded into the registration itself:
+        # HEALTHY as soon as Register is answered.
+        found = await client.get_plugin(plugin_id)
+        assert PluginStatus(found.status) is HEALTHY
 
         assert plugin.health_calls == 1
         assert found.HasField("last_check_at")
@@ -156,7 +158,7 @@ async def test_killed_plugin_process_is_unhealthy_then_removed(tmp_path):
         process.signal(signal.SIGKILL)
 
         await watch.wait_for(lambda ms: None in steps(ms, plugin_id), what="the removal")
-        assert steps(watch.messages, plugin_id) == [UNKNOWN, HEALTHY, UNHEALTHY, None]
+        assert steps(watch.messages, plugin_id) == [HEALTHY, UNHEALTHY, None]
         unhealthy = next(p for m in watch.deltas for p in m.upserted if p.status == int(UNHEALTHY))
         assert unhealthy.last_error.startswith("UNAVAILABLE")
         assert await client.list_plugins() == []
@@ -189,7 +191,7 @@ async def test_hanging_plugin_becomes_unhealthy_after_threshold_timeouts(tmp_pat
 
         assert "DEADLINE_EXCEEDED" in found.last_error
         await watch.wait_revision(found.revision)
-        assert steps(watch.messages, plugin_id) == [UNKNOWN, HEALTHY, UNHEALTHY]
+        assert steps(watch.messages, plugin_id) == [HEALTHY, UNHEALTHY]
 
 
 class FlappingPlugin(FakePlugin):
@@ -223,8 +225,9 @@ async def test_flapping_plugin_does_not_flip_status_on_every_check(tmp_path):
         marker_revision = (await client.get_plugin(marker.plugin_id)).revision
         await watch.wait_revision(marker_revision)
 
-        # Failure, success, failure, … never 3 failures in a row: one change only,
-        # the first success taking it from UNKNOWN to HEALTHY.
+        # Failure (the first check, folded into the registration: UNKNOWN), success,
+        # failure, … never 3 failures in a row: one change only, the first success
+        # taking it from UNKNOWN to HEALTHY.
         assert steps(watch.messages, plugin_id) == [UNKNOWN, HEALTHY]
         assert await status_of(client, plugin_id) is HEALTHY
 
@@ -250,4 +253,4 @@ async def test_unhealthy_plugin_recovers_after_healthy_threshold_successes(tmp_p
         assert found.last_error == ""
         assert await resolved_ids(client, "phoenix") == {plugin_id}
         await watch.wait_revision(found.revision)
-        assert steps(watch.messages, plugin_id) == [UNKNOWN, HEALTHY, UNHEALTHY, HEALTHY]
+        assert steps(watch.messages, plugin_id) == [HEALTHY, UNHEALTHY, HEALTHY]

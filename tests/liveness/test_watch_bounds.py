@@ -295,13 +295,17 @@ async def test_a_lagging_stream_does_not_bring_a_removed_plugin_back_into_the_ca
     ):
         hub = registry._hub
         assert hub is not None
-        stream = cast(AsyncGenerator[pb.WatchResponse, None], hub.stream(0, frozenset()))
+        stream = cast(AsyncGenerator[bytes, None], hub.stream(0, frozenset()))
+
+        async def message() -> pb.WatchResponse:
+            return pb.WatchResponse.FromString(await anext(stream))
+
         try:
-            assert (await anext(stream)).snapshot
+            assert (await message()).snapshot
             info = plugin_info("gone")
             gone = (await client.register(info, "127.0.0.1:9", no_lease=True)).plugin_id
             await client.unregister(gone)
-            added, removed = await anext(stream), await anext(stream)
+            added, removed = await message(), await message()
         finally:
             await stream.aclose()
         assert [p.plugin_id for p in added.upserted] == [gone]
