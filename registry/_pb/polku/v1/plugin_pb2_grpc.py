@@ -973,3 +973,96 @@ class RegistryReplica:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class IngestorStreamStub:
+    """---------------------------------------------------------------------------
+    Part 7: gateway side, continued (SPEC §10)
+    ---------------------------------------------------------------------------
+
+    Optional, beside IngestorPlugin: one response per request, in request order, over
+    one stream. A plugin offers it by the capability "ingest.stream.v1" in its
+    PluginInfo.capabilities; the gateway falls back to unary Ingest otherwise.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.IngestStream = channel.stream_stream(
+                '/polku.v1.IngestorStream/IngestStream',
+                request_serializer=polku_dot_v1_dot_plugin__pb2.IngestRequest.SerializeToString,
+                response_deserializer=polku_dot_v1_dot_plugin__pb2.IngestResponse.FromString,
+                _registered_method=True)
+
+
+class IngestorStreamServicer:
+    """---------------------------------------------------------------------------
+    Part 7: gateway side, continued (SPEC §10)
+    ---------------------------------------------------------------------------
+
+    Optional, beside IngestorPlugin: one response per request, in request order, over
+    one stream. A plugin offers it by the capability "ingest.stream.v1" in its
+    PluginInfo.capabilities; the gateway falls back to unary Ingest otherwise.
+    """
+
+    def IngestStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_IngestorStreamServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'IngestStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.IngestStream,
+                    request_deserializer=polku_dot_v1_dot_plugin__pb2.IngestRequest.FromString,
+                    response_serializer=polku_dot_v1_dot_plugin__pb2.IngestResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'polku.v1.IngestorStream', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('polku.v1.IngestorStream', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class IngestorStream:
+    """---------------------------------------------------------------------------
+    Part 7: gateway side, continued (SPEC §10)
+    ---------------------------------------------------------------------------
+
+    Optional, beside IngestorPlugin: one response per request, in request order, over
+    one stream. A plugin offers it by the capability "ingest.stream.v1" in its
+    PluginInfo.capabilities; the gateway falls back to unary Ingest otherwise.
+    """
+
+    @staticmethod
+    def IngestStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/polku.v1.IngestorStream/IngestStream',
+            polku_dot_v1_dot_plugin__pb2.IngestRequest.SerializeToString,
+            polku_dot_v1_dot_plugin__pb2.IngestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
