@@ -76,16 +76,27 @@ def _list_item(data: bytes) -> bytes:
     return _LIST_ITEM_TAG + _varint(len(data)) + data
 
 
-def plugin_list(items: list[bytes], revision: int, next_page_token: str) -> pb.ListPluginsResponse:
-    """A ListPluginsResponse from :meth:`MessageCache.encoded` items.
+# The other fields of a ListPluginsResponse: ``int64 revision = 2``, ``string
+# next_page_token = 3`` (varint, length-delimited).
+_LIST_REVISION_TAG = b"\x10"
+_LIST_TOKEN_TAG = b"\x1a"
 
-    Parsing the concatenated fields is about twice as fast as copying thousands of
-    cached messages into a new response, which is what ListPlugins of all costs.
+
+def plugin_list(items: list[bytes], revision: int, next_page_token: str) -> bytes:
+    """A ListPluginsResponse, encoded, from :meth:`MessageCache.encoded` items.
+
+    The items are already ``plugins`` fields (field 1 of a list), so the response is
+    their concatenation and two more fields, handed to gRPC as it is (ListPlugins'
+    response serializer passes bytes through, registry.server): listing 10,000 parses
+    and serialises nothing.
     """
-    response = pb.ListPluginsResponse.FromString(b"".join(items))
-    response.revision = revision
-    response.next_page_token = next_page_token
-    return response
+    parts: list[bytes] = list(items)
+    if revision:
+        parts.append(_LIST_REVISION_TAG + _varint(revision & 0xFFFFFFFFFFFFFFFF))
+    if next_page_token:
+        data = next_page_token.encode()
+        parts.append(_LIST_TOKEN_TAG + _varint(len(data)) + data)
+    return b"".join(parts)
 
 
 # The other fields of a WatchResponse: ``int64 revision = 1``, ``bool snapshot = 2``,

@@ -87,6 +87,10 @@ log = logging.getLogger(__name__)
 
 # How much of a plugin's own "unhealthy" message last_error keeps.
 MAX_PLUGIN_MESSAGE = 256
+# A passing first check at an address stands for registrations there this much later:
+# a burst of registrations at one plugin server costs a few Health calls, not one each.
+FIRST_CHECK_FRESH = 0.05  # seconds
+MAX_FRESH = 1024  # addresses whose last passing first check is remembered
 
 # A lane: the checks of one address and plugin type (one process, one question).
 _Key = tuple[str, PluginType]
@@ -208,6 +212,8 @@ class HealthChecker:
         # registrations are inside first_check() per address (their channel is kept).
         self._first: dict[_Key, asyncio.Task[tuple[bool, str]]] = {}
         self._late: dict[_Key, list[str]] = {}
+        # The loop time of each address's last passing first check (FIRST_CHECK_FRESH).
+        self._fresh: dict[_Key, float] = {}
         self._holding: dict[str, int] = {}
         self._pending: dict[str, Plugin] = {}
         self._flush_wake = asyncio.Event()
@@ -255,6 +261,7 @@ class HealthChecker:
         await asyncio.gather(*vetting, return_exceptions=True)
         self._flusher = None
         self._late.clear()
+        self._fresh.clear()
         self._lanes.clear()
         self._ready.clear()
         self._urgent_ready.clear()
@@ -656,6 +663,11 @@ class HealthChecker:
             return None
         task = self._first.get(key)
         if task is None:
+            passed = self._fresh.get(key)
+            now = asyncio.get_running_loop().time()
+            if passed is not None and now - passed <= FIRST_CHECK_FRESH:
+                self.results += 1
+                return FirstCheck(PluginStatus.HEALTHY, self._state.clock(), "")
             if not self._urgent_free:
                 return None  # the fast lane is full: checked once stored, by its queue
             self._urgent_free -= 1
@@ -688,6 +700,16 @@ class HealthChecker:
             entry = self._channels.get(address) or self._open(address, target)
         return await self._ask(key, entry)
 
+    def _remember_pass(self, key: _Key) -> None:
+        fresh, now = self._fresh, asyncio.get_running_loop().time()
+        fresh.pop(key, None)
+        fresh[key] = now
+        if len(fresh) > MAX_FRESH:
+            # Oldest first (insertion order): drop the stale ones, or the oldest if none is.
+            stale = [k for k, at in fresh.items() if now - at > FIRST_CHECK_FRESH]
+            for old in stale or [next(iter(fresh))]:
+                del fresh[old]
+
     def _first_done(self, key: _Key, task: asyncio.Task[tuple[bool, str]]) -> None:
         """A first check ended: free its slot, give its result to those stored meanwhile."""
         if self._first.get(key) is task:
@@ -697,6 +719,8 @@ class HealthChecker:
         if not task.cancelled():
             if task.exception() is None:
                 result = task.result()
+                if result[0]:
+                    self._remember_pass(key)
             else:
                 log.error("first health check at %s failed", key[0], exc_info=task.exception())
         entry = self._channels.get(key[0])

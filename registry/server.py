@@ -78,11 +78,13 @@ class _Registration:
 
 
 def add_registry_servicer(service: RegistryService, server: grpc.aio.Server) -> None:
-    """The generated registration of PluginRegistry, Watch sending encoded messages as they are.
+    """The generated registration of PluginRegistry, Watch and ListPlugins sending encoded
+    messages as they are.
 
     The watch hub encodes each message once for every watcher that gets it and yields
-    the bytes (registry.watch); Watch's response serializer is None, so gRPC sends
-    them without parsing or serialising them again. The interceptors keep the
+    the bytes (registry.watch), and ListPlugins joins the message cache's encoded
+    plugins (registry.convert.plugin_list); their response serializer is None, so gRPC
+    sends them without parsing or serialising them again. The interceptors keep the
     serializer of the handler they wrap (registry.interception).
     """
     taken = _Registration()
@@ -92,6 +94,12 @@ def add_registry_servicer(service: RegistryService, server: grpc.aio.Server) -> 
     handlers["Watch"] = grpc.unary_stream_rpc_method_handler(
         watch.unary_stream,
         request_deserializer=watch.request_deserializer,
+        response_serializer=None,
+    )
+    listing = handlers["ListPlugins"]
+    handlers["ListPlugins"] = grpc.unary_unary_rpc_method_handler(
+        listing.unary_unary,
+        request_deserializer=listing.request_deserializer,
         response_serializer=None,
     )
     server.add_generic_rpc_handlers(

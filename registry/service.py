@@ -497,7 +497,7 @@ class RegistryService(pb_grpc.PluginRegistryServicer):  # type: ignore[misc]
     @_status_mapped
     async def ListPlugins(
         self, request: pb.ListPluginsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListPluginsResponse:
+    ) -> bytes:  # an encoded ListPluginsResponse (registry.server)
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         # A keyset walk from the token's id: O(log n + page), whatever page it is.
         matching = self._state.view.select(

@@ -100,6 +100,13 @@ class PluginAddress:
         return f"{self.host}:{self.port}"
 
 
+# Addresses parsed and accepted (they are immutable): a plugin's address is parsed at
+# its registration, at each dial and at each check; the same few recur. Cleared whole
+# when full, so a flood of distinct addresses costs what no cache would.
+_PARSED: dict[tuple[str, int], PluginAddress] = {}
+_MAX_PARSED = 4096
+
+
 def parse_address(
     field: str, address: str, *, max_length: int = DEFAULT_MAX_LENGTH
 ) -> PluginAddress:
@@ -108,7 +115,17 @@ def parse_address(
     Raises:
         InvalidArgument: naming ``field`` and why the address is not accepted.
     """
+    key = (address, max_length)
+    parsed = _PARSED.get(key)
+    if parsed is None:
+        parsed = _parse(field, address, max_length)
+        if len(_PARSED) >= _MAX_PARSED:
+            _PARSED.clear()
+        _PARSED[key] = parsed
+    return parsed
 
+
+def _parse(field: str, address: str, max_length: int) -> PluginAddress:
     def refuse(reason: str) -> InvalidArgument:
         return InvalidArgument(field, f"{address!r} {reason}")
 

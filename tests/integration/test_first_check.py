@@ -21,6 +21,7 @@ import grpc
 import pytest
 from watch_helpers import WatchRecorder
 
+from registry import poller
 from registry.client import RegistryClient
 from registry.errors import AlreadyExists
 from registry.testing import FakePlugin, eventually, running_registry
@@ -167,6 +168,23 @@ async def test_registrations_at_one_address_share_one_first_check(tmp_path: Path
         stored = [await client.get_plugin(r.plugin_id) for r in registered]
         assert all(p.status == HEALTHY for p in stored)
         assert plugin.health_calls < count
+
+
+@pytest.mark.parametrize(("fresh", "calls"), [(3600.0, 1), (0.0, 5)])
+async def test_a_recent_pass_at_an_address_stands_for_the_next_registrations(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh: float, calls: int
+) -> None:
+    """One after another: within FIRST_CHECK_FRESH of a pass, no new Health call."""
+    monkeypatch.setattr(poller, "FIRST_CHECK_FRESH", fresh)
+    async with (
+        running_registry(tmp_path, **PROMPT) as registry,
+        FakePlugin() as plugin,
+        RegistryClient(registry.address) as client,
+    ):
+        for i in range(5):
+            registered = await client.register(info(f"seq-{i}", f"q-{i}"), plugin.address)
+            assert (await client.get_plugin(registered.plugin_id)).status == HEALTHY
+        assert plugin.health_calls == calls
 
 
 async def test_a_refused_registration_makes_no_check(tmp_path: Path) -> None:

@@ -299,3 +299,18 @@ def test_an_encoded_watch_message_is_what_protobuf_writes(
         convert.watch_message(revision, [], [], snapshot=snapshot)
         == pb.WatchResponse(revision=revision, snapshot=snapshot).SerializeToString()
     )
+
+
+@pytest.mark.parametrize(
+    ("revision", "token"), [(0, ""), (1, "next"), (300, "é" * 200), (2**40, "x")]
+)
+def test_an_encoded_plugin_list_is_what_protobuf_writes(revision: int, token: str) -> None:
+    plugins = [
+        pb.RegisteredPlugin(plugin_id="p1", address="127.0.0.1:1", revision=revision),
+        pb.RegisteredPlugin(plugin_id="p2", labels={"k": "v" * 300}),
+    ]
+    items = [pb.ListPluginsResponse(plugins=[p]).SerializeToString() for p in plugins]
+    for listed in (plugins, []):
+        encoded = convert.plugin_list(items[: len(listed)], revision, token)
+        expected = pb.ListPluginsResponse(plugins=listed, revision=revision, next_page_token=token)
+        assert encoded == expected.SerializeToString()
