@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from registry.model import Plugin
 
 if TYPE_CHECKING:
-    from registry.store import Batch, Lease
+    from registry.store import Batch
 
 Dialect = Literal["sqlite", "postgresql"]
 # Told of every statement a raw writer sends, with its rows, BEGIN and COMMIT
@@ -56,7 +56,8 @@ def sqlite_time(moment: datetime | None) -> str | None:
         raise ValueError("naive datetime given for a UTC column")
     if offset != _ZERO:
         moment = moment.astimezone(UTC)
-    return moment.replace(tzinfo=None).isoformat(" ", "microseconds")
+    # "YYYY-MM-DD HH:MM:SS.ffffff+00:00" less its offset: no naive copy to make.
+    return moment.isoformat(" ", "microseconds")[:-6]
 
 
 def postgres_time(moment: datetime | None) -> datetime | None:
@@ -131,11 +132,15 @@ def statements(
     add(sql.delete_leases, removals)
     upserts = batch.upserts.values()
     add(sql.upsert_plugins, [_plugin_row(p, time) for p in upserts])
+    lease_time = _memo(time)
     leases = [
-        (p.plugin_id, time(p.last_heartbeat_at), time(p.last_check_at), p.last_error)
+        (p.plugin_id, lease_time(p.last_heartbeat_at), lease_time(p.last_check_at), p.last_error)
         for p in upserts
     ]
-    leases += [_lease_row(plugin_id, lease, time) for plugin_id, lease in batch.touches.items()]
+    leases += [
+        (i, lease_time(t.last_heartbeat_at), lease_time(t.last_check_at), t.last_error)
+        for i, t in batch.touches.items()
+    ]
     add(sql.upsert_leases, leases)
     if batch.changes:
         add(
@@ -193,10 +198,26 @@ def _plugin_row(plugin: Plugin, time: Callable[[datetime | None], Any]) -> tuple
     )
 
 
-def _lease_row(
-    plugin_id: str, lease: Lease, time: Callable[[datetime | None], Any]
-) -> tuple[Any, ...]:
-    return (plugin_id, time(lease.last_heartbeat_at), time(lease.last_check_at), lease.last_error)
+def _memo(time: Callable[[datetime | None], Any]) -> Callable[[datetime | None], Any]:
+    """``time``, remembering its value per time object for one batch.
+
+    The plugins one health call answered share one check time (and one write holds
+    thousands of lease rows): each object is converted once. Keyed by identity, the
+    object held beside its value, so an id is never reused while the batch is built.
+    """
+    seen: dict[int, tuple[datetime, Any]] = {}
+
+    def converted(moment: datetime | None) -> Any:
+        if moment is None:
+            return None
+        hit = seen.get(id(moment))
+        if hit is not None:
+            return hit[1]
+        value = time(moment)
+        seen[id(moment)] = (moment, value)
+        return value
+
+    return converted
 
 
 # -- the statements ---------------------------------------------------------------

@@ -386,7 +386,17 @@ class Catalog:
         plugin = self._by_id.get(plugin_id)
         if plugin is None or not plugin.live:
             return None
-        return self.touch(plugin_id, last_heartbeat_at=now)
+        renewed = self._by_id[plugin_id] = plugin.renewed(now)
+        return renewed
+
+    def check(self, plugin_id: str, at: datetime, error: str) -> Plugin | None:
+        """Record a health check that changed no status (its time, its error, "" when it
+        passed); None when the id is unknown. Changes no revision."""
+        plugin = self._by_id.get(plugin_id)
+        if plugin is None:
+            return None
+        checked = self._by_id[plugin_id] = plugin.checked(at, error)
+        return checked
 
     def touch(self, plugin_id: str, **fields: object) -> Plugin | None:
         """Change fields no watcher needs to hear of (times, last error): no revision."""
@@ -396,6 +406,24 @@ class Catalog:
         touched = plugin.with_fields(**fields)
         self._replace(plugin, touched)
         return touched
+
+    def hold_touched(self, plugin: Plugin) -> bool:
+        """Hold ``plugin``, a touched state made for another catalog, if it is of the
+        revision held here; False when another revision is held (touch that instead).
+
+        A touch changes neither the revision nor the indexes (:meth:`heartbeat`,
+        :meth:`check`, :meth:`touch`), so where this catalog holds the instance at the
+        revision of ``plugin`` it holds the same state but for the touched fields: the
+        two catalogs then share one object rather than each making its own. An id not
+        held here is ignored (True).
+        """
+        held = self._by_id.get(plugin.plugin_id)
+        if held is None:
+            return True
+        if held.revision != plugin.revision:
+            return False
+        self._by_id[plugin.plugin_id] = plugin
+        return True
 
     def remove(self, plugin_ids: Iterable[str]) -> Change | None:
         """Remove plugins by id; unknown ids are ignored (removal is idempotent)."""

@@ -4,7 +4,10 @@ A Register waits for the transaction that holds its change, so it is durable whe
 answered, yet 64 concurrent Registers cost a handful of commits, not 64.
 Heartbeats and health results are staged without waking the writer, as lease
 fields only: they ride along with the next commit or the periodic flush, never cost
-a commit of their own, and never rewrite a plugin's row. Ownership records ride in
+a commit of their own, and never rewrite a plugin's row. A touch stages only the
+plugin's id; its lease fields are read from the write side when the batch is taken
+for writing, so a plugin touched a thousand times between two writes is one row of
+its latest times, and a touch costs no row of its own. Ownership records ride in
 the batch of the change that made them; a release, which makes no revision, is
 staged on its own and committed like any change.
 """
@@ -19,8 +22,8 @@ from collections.abc import Awaitable, Callable
 
 from registry.catalog import OwnershipChange
 from registry.errors import StoreError
-from registry.model import Change, Plugin
-from registry.store import Batch, Lease, Store
+from registry.model import Change
+from registry.store import Batch, LeaseFields, Store
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +43,18 @@ class Journal:
         on_committed: Callable[[list[Change]], None],
         on_failed: Callable[[StoreError], Awaitable[None]],
         on_write: Callable[[float, int], None] | None = None,
+        lease_of: Callable[[str], LeaseFields | None] | None = None,
     ) -> None:
-        """``on_write(seconds, records)`` hears of every successful commit (metrics)."""
+        """``on_write(seconds, records)`` hears of every successful commit (metrics).
+
+        ``lease_of(plugin_id)`` gives the current lease fields of a touched plugin
+        (the write side's state of it), None once it is gone; without it, touches
+        are not stored.
+        """
         self._store = store
+        self._lease_of = lease_of
+        # Ids touched since the batch was taken (insertion order: rows in touch order).
+        self._touched: dict[str, None] = {}
         self._on_write = on_write
         self._flush_interval = flush_interval
         self._on_committed = on_committed
@@ -90,13 +102,14 @@ class Journal:
         """Stage ownership records that belong to no revision (a release)."""
         self._batch.own(ownership)
 
-    def touch(self, plugin: Plugin) -> None:
-        """Stage the lease and check fields of ``plugin`` lazily: no commit is asked for.
+    def touch(self, plugin_id: str) -> None:
+        """Stage the lease and check fields of a plugin lazily: no commit is asked for.
 
         For heartbeats and health results that change no status: only those fields
-        are written (:class:`~registry.store.Lease`), never the plugin's row again.
+        are written (:class:`~registry.store.Lease`), never the plugin's row again;
+        their values are the latest when the batch is taken (``lease_of``).
         """
-        self._batch.touch(plugin.plugin_id, Lease.of(plugin))
+        self._touched[plugin_id] = None
 
     async def commit(self) -> None:
         """Wait until everything staged so far is durable.
@@ -132,19 +145,39 @@ class Journal:
     def reset(self, revision: int) -> None:
         """Continue from ``revision`` after the owner reloaded the catalog."""
         self._batch = self._new_batch(revision)
+        self._touched = {}
+
+    def _take(self) -> Batch:
+        """The staged batch, with the lease rows of the touched plugins; a new one staged.
+
+        Synchronous: the lease fields read are the write side's at this very moment,
+        so they agree with every change the batch holds (a plugin removed in it has
+        no lease to read; one upserted in it takes its newest lease, see
+        :meth:`~registry.store.Batch.touch`).
+        """
+        batch, self._batch = self._batch, self._new_batch(self._batch.revision)
+        touched, self._touched = self._touched, {}
+        lease_of = self._lease_of
+        if lease_of is not None:
+            for plugin_id in touched:
+                lease = lease_of(plugin_id)
+                if lease is not None:
+                    batch.touch(plugin_id, lease)
+        return batch
 
     def _new_batch(self, revision: int) -> Batch:
         return Batch(revision=revision, retain=self._retain)
 
     def _fail_staged(self, exc: StoreError) -> None:
         self._batch = self._new_batch(self._batch.revision)
+        self._touched = {}
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(exc)
 
     async def _write_staged(self) -> None:
-        batch, self._batch = self._batch, self._new_batch(self._batch.revision)
+        batch = self._take()
         waiters, self._waiters = self._waiters, []
         started = time.perf_counter()
         try:

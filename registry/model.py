@@ -92,6 +92,35 @@ class Plugin:
             get("status_since", self.status_since),
         )
 
+    def renewed(self, at: datetime) -> Plugin:
+        """A copy whose lease was renewed ``at`` (a heartbeat): the cheapest copy there is,
+        made for every renewal."""
+        return Plugin(
+            self.plugin_id,
+            self.registration,
+            self.status,
+            self.registered_at,
+            at,
+            self.last_check_at,
+            self.last_error,
+            self.revision,
+            self.status_since,
+        )
+
+    def checked(self, at: datetime, error: str) -> Plugin:
+        """A copy checked ``at`` with ``error`` ("" when it passed), its status unchanged."""
+        return Plugin(
+            self.plugin_id,
+            self.registration,
+            self.status,
+            self.registered_at,
+            self.last_heartbeat_at,
+            at,
+            error,
+            self.revision,
+            self.status_since,
+        )
+
     @property
     def name(self) -> str:
         return self.registration.name

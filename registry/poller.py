@@ -63,6 +63,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -477,8 +478,12 @@ class HealthChecker:
             ]
             if live:
                 ok, error = await self._probe(key, live)
+                # One answer for them all: one time, and one pass over the unchanged.
+                now = self._state.clock()
+                unchanged: list[str] = []
                 for plugin_id in live:
-                    self._record(plugin_id, ok, error)
+                    self._record(plugin_id, ok, error, now, unchanged)
+                self._state.touch_many(unchanged, now, error)
         except Exception:
             log.exception("health check of %d plugins at %s failed", len(group), key[0])
         finally:
@@ -489,17 +494,16 @@ class HealthChecker:
             self._release(urgent=urgent)
             self._pump(key)
             settings = self._settings
+            # One jitter for the group: plugins that shared this call stay due together
+            # (one call again next time), and groups at one address that come due in
+            # one slot merge for good, while calls to different addresses stay spread.
+            interval = settings.interval * random.uniform(0.9, 1.1)
             for plugin_id in group:
                 streak = self._streaks.get(plugin_id)
                 if streak is None:
                     continue
                 streak.busy = False
-                delay = (
-                    settings.suspect_retry
-                    if streak.suspect
-                    else settings.interval * random.uniform(0.9, 1.1)
-                )
-                self._schedule(plugin_id, delay)
+                self._schedule(plugin_id, settings.suspect_retry if streak.suspect else interval)
 
     async def _probe(self, key: _Key, plugin_ids: list[str]) -> tuple[bool, str]:
         try:
@@ -567,7 +571,20 @@ class HealthChecker:
             words = "not a gRPC plugin, or it failed"
         return f"{code.name}: {words}"
 
-    def _record(self, plugin_id: str, ok: bool, error: str) -> None:
+    def _record(
+        self,
+        plugin_id: str,
+        ok: bool,
+        error: str,
+        now: datetime | None = None,
+        unchanged: list[str] | None = None,
+    ) -> None:
+        """Take a check's result (checked ``now``, default: the clock's now).
+
+        A status change is queued for the next flush; a result that changes no status
+        is recorded at once, or, given ``unchanged``, its id is appended there for the
+        caller to record in one :meth:`RegistryState.touch_many` with the others.
+        """
         plugin = self._state.catalog.get(plugin_id)
         streak = self._streaks.get(plugin_id)
         if plugin is None or streak is None or plugin.status is PluginStatus.EXPIRED:
@@ -595,9 +612,13 @@ class HealthChecker:
             # Held out of routing by an operator: recorded, never moved by a check
             # (the streak still counts, so past the threshold it is no longer a suspect).
             status = PluginStatus.DRAINING
-        now = self._state.clock()
+        if now is None:
+            now = self._state.clock()
         if status is plugin.status:
-            self._state.touch(plugin_id, last_check_at=now, last_error=error)
+            if unchanged is None:
+                self._state.touch_many((plugin_id,), now, error)
+            else:
+                unchanged.append(plugin_id)
         else:
             self._pending[plugin_id] = dataclasses.replace(
                 plugin, status=status, last_check_at=now, last_error=error

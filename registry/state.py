@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 from registry.catalog import Catalog, FirstCheck, Released
@@ -97,6 +97,7 @@ class RegistryState:
             on_committed=self._publish,
             on_failed=self._on_write_failed,
             on_write=self._wrote,
+            lease_of=self._lease_of,
         )
         self._journal.start()
 
@@ -343,11 +344,19 @@ class RegistryState:
         self.catalog.check_name_access(principal, name)
 
     def heartbeat(self, plugin_id: str) -> Plugin | None:
-        """Renew a lease in memory; persisted lazily. None when not acknowledged."""
+        """Renew a lease in memory; persisted lazily. None when not acknowledged.
+
+        One new state of the plugin, shared by the write side and the view (see
+        :meth:`_touched`), and its id staged for the next write: no row, no commit.
+        """
         now = self.clock()
         plugin = self.catalog.heartbeat(plugin_id, now)
         if plugin is not None:
-            self._touched(plugin, last_heartbeat_at=now)
+            view = self.view
+            if view is not self.catalog and not view.hold_touched(plugin):
+                view.touch(plugin_id, last_heartbeat_at=now)
+            if self._journal is not None:
+                self._journal.touch(plugin_id)
         return plugin
 
     async def remove(self, plugin_ids: list[str]) -> int:
@@ -392,11 +401,37 @@ class RegistryState:
         if plugin is not None:
             self._touched(plugin, **fields)
 
+    def touch_many(self, plugin_ids: Iterable[str], checked_at: datetime, error: str) -> None:
+        """Record one health check's result for plugins whose status it did not change.
+
+        One call answers every plugin of an address (registry.poller): one time, one
+        pass, one new state per plugin shared by both sides; persisted lazily. Ids no
+        longer held are skipped.
+        """
+        catalog, view, journal = self.catalog, self.view, self._journal
+        shared = view is not catalog
+        for plugin_id in plugin_ids:
+            plugin = catalog.check(plugin_id, checked_at, error)
+            if plugin is None:
+                continue
+            if shared and not view.hold_touched(plugin):
+                view.touch(plugin_id, last_check_at=checked_at, last_error=error)
+            if journal is not None:
+                journal.touch(plugin_id)
+
     def _touched(self, plugin: Plugin, **fields: object) -> None:
-        # The view gets the same fields on its own (committed) state of the plugin.
-        self.view.touch(plugin.plugin_id, **fields)
+        # The view holds the same state when it is at the same revision (shared, one
+        # object); else (the write side is ahead, not committed yet) it gets the same
+        # fields on its own committed state of the plugin.
+        view = self.view
+        if view is not self.catalog and not view.hold_touched(plugin):
+            view.touch(plugin.plugin_id, **fields)
         if self._journal is not None:
-            self._journal.touch(plugin)
+            self._journal.touch(plugin.plugin_id)
+
+    def _lease_of(self, plugin_id: str) -> Plugin | None:
+        """The write side's state of a plugin whose lease fields are to be stored."""
+        return self.catalog.get(plugin_id)
 
     async def update(self, plugins: list[Plugin]) -> None:
         """Store new states of existing plugins in one revision (status changes).

@@ -110,6 +110,18 @@ class Snapshot:
     claims: list[Claim] = field(default_factory=list)
 
 
+class LeaseFields(Protocol):
+    """What a lease row is made of: a :class:`Lease`, or a plugin's state itself (the
+    journal stages the write side's :class:`~registry.model.Plugin`, no copy made)."""
+
+    @property
+    def last_heartbeat_at(self) -> datetime | None: ...
+    @property
+    def last_check_at(self) -> datetime | None: ...
+    @property
+    def last_error(self) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     """A plugin's fields that change without a revision: its lease and its last check."""
@@ -134,7 +146,7 @@ class Batch:
 
     revision: int = 0
     upserts: dict[str, Plugin] = field(default_factory=dict)
-    touches: dict[str, Lease] = field(default_factory=dict)
+    touches: dict[str, LeaseFields] = field(default_factory=dict)
     removals: set[str] = field(default_factory=set)
     # Appended to the change log; entries older than ``retain`` revisions are dropped.
     changes: list[Change] = field(default_factory=list)
@@ -149,7 +161,7 @@ class Batch:
         self.touches.pop(plugin.plugin_id, None)
         self.removals.discard(plugin.plugin_id)
 
-    def touch(self, plugin_id: str, lease: Lease) -> None:
+    def touch(self, plugin_id: str, lease: LeaseFields) -> None:
         """Stage new lease and check fields of a plugin.
 
         A full upsert of the plugin in this batch wins: the plugin is written once,
@@ -157,6 +169,12 @@ class Batch:
         """
         staged = self.upserts.get(plugin_id)
         if staged is not None:
+            if (staged.last_heartbeat_at, staged.last_check_at, staged.last_error) == (
+                lease.last_heartbeat_at,
+                lease.last_check_at,
+                lease.last_error,
+            ):
+                return  # the upsert carries this lease already (often: it is that state)
             self.upserts[plugin_id] = dataclasses.replace(
                 staged,
                 last_heartbeat_at=lease.last_heartbeat_at,
