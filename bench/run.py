@@ -23,6 +23,7 @@ from typing import Any
 SUITES = [
     "bench.registry_bench",
     "bench.ingest_bench",
+    "bench.stream_bench",
     "bench.health_bench",
     "bench.trust_bench",
     "bench.watch_bench",

@@ -4,13 +4,22 @@
         with Hub(resolver=resolver).build() as hub:
             events = hub.ingest(IngestContext("k8s"), raw)
             result = hub.ingest_with_errors(IngestContext("k8s"), raw)  # and the errors
+            outcome = hub.emit(events)  # by each event's route_to, to emitter plugins
 
 Errors are the :class:`PluginError` tree (:mod:`ingestor.errors`).
 """
 
 from ingestor.breaker import BreakerSettings, BreakerState, CircuitBreaker
 from ingestor.context import IngestContext
-from ingestor.errors import PluginConnectionError, PluginError, PluginTransformError
+from ingestor.delivery import RetryPolicy
+from ingestor.emit_routes import EmitResult
+from ingestor.emitter import ExternalEmitter
+from ingestor.errors import (
+    PluginConnectionError,
+    PluginEmitError,
+    PluginError,
+    PluginTransformError,
+)
 from ingestor.external import ExternalIngestor
 from ingestor.hub import Hub
 from ingestor.resolver import RegistryResolver
@@ -21,14 +30,18 @@ __all__ = [
     "BreakerSettings",
     "BreakerState",
     "CircuitBreaker",
+    "EmitResult",
     "Endpoint",
+    "ExternalEmitter",
     "ExternalIngestor",
     "Hub",
     "IngestContext",
     "IngestResult",
     "PluginConnectionError",
+    "PluginEmitError",
     "PluginError",
     "PluginTransformError",
     "RegistryResolver",
     "ResolverView",
+    "RetryPolicy",
 ]

@@ -1,9 +1,16 @@
-"""Cached channels to plugin endpoints: one per address, per event loop.
+"""Cached channels to plugin endpoints: ``channels`` per address, per event loop.
 
 A ``grpc.aio`` channel belongs to the loop it was made on, so a client used from
 several loops keeps one pool for each. A pool is only touched from its own loop's
 thread. Callers without a loop use :mod:`ingestor.sync_connection` instead (the same
 endpoints over synchronous ``grpc`` channels).
+
+An endpoint may get several channels (``channels_per_endpoint``, 1 to 64): each is an
+HTTP/2 connection of its own (a subchannel of its own, and a channel argument naming
+its slot, so gRPC never shares one between them), made on first use, and calls to the
+endpoint take them in turn (round-robin). One HTTP/2 connection is served by one
+thread of the plugin's gRPC core at a time; several spread the load of one busy
+client. A dropped channel empties its slot, which the next call in turn fills anew.
 
 A pool serves one plugin service (:class:`PluginService`: the ingestor's, or another
 plugin type's), calling its unary methods with answers left as bytes.
@@ -17,10 +24,11 @@ endpoint is a :class:`PluginConnectionError` and nothing is dialled.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
@@ -76,11 +84,72 @@ INGESTOR_SERVICE = PluginService(
 # off after a failure would make a fresh channel fail at once. Dropping a broken
 # channel must mean a fresh connection attempt.
 _OWN_SUBCHANNELS = ("grpc.use_local_subchannel_pool", 1)
+# Names a channel's slot among an endpoint's channels: channels whose arguments differ
+# never share a subchannel, whatever ``channel_options`` say of the subchannel pool.
+_SLOT = "polku.channel_slot"
+
+DEFAULT_CHANNELS_PER_ENDPOINT = 1
+MAX_CHANNELS_PER_ENDPOINT = 64
 
 
-def channel_options(options: Iterable[tuple[str, int | str]]) -> list[tuple[str, int | str]]:
-    """The options of every channel to a plugin: the caller's, and a subchannel of its own."""
-    return [_OWN_SUBCHANNELS, *options]
+def check_channels_per_endpoint(value: int) -> int:
+    """``value`` when it is a valid ``channels_per_endpoint`` (an int from 1 to 64).
+
+    Raises:
+        ValueError: it is not, naming ``channels_per_endpoint``.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 1 <= value <= MAX_CHANNELS_PER_ENDPOINT
+    ):
+        raise ValueError(
+            f"channels_per_endpoint must be an integer from 1 to "
+            f"{MAX_CHANNELS_PER_ENDPOINT}, not {value!r}"
+        )
+    return value
+
+
+def channel_options(
+    options: Iterable[tuple[str, int | str]], slot: int = 0
+) -> list[tuple[str, int | str]]:
+    """The options of every channel to a plugin: the caller's, and a subchannel of its own.
+
+    ``slot``: which of an endpoint's channels it is (the first one's options name none).
+    """
+    settings: list[tuple[str, int | str]] = [_OWN_SUBCHANNELS, *options]
+    if slot:
+        settings.append((_SLOT, slot))
+    return settings
+
+
+C = TypeVar("C")
+
+
+class Slots(Generic[C]):
+    """The channels of one endpoint, by slot, and whose turn is next (round-robin).
+
+    Safe to share between threads for :meth:`take` (``itertools.count`` is atomic);
+    filling or emptying a slot is the pool's job, under its own rules.
+    """
+
+    __slots__ = ("_size", "_turn", "connections")
+
+    def __init__(self, size: int) -> None:
+        self.connections: list[C | None] = [None] * size
+        self._size = size
+        # The call that makes the entry takes slot 0: the turns go on from slot 1.
+        self._turn = itertools.count(1)
+
+    def take(self) -> int:
+        """The slot whose turn it is."""
+        if self._size == 1:
+            return 0
+        return next(self._turn) % self._size
+
+    def live(self) -> list[C]:
+        """The channels made and not dropped."""
+        return [c for c in self.connections if c is not None]
 
 
 def refused(address: str, exc: InvalidArgument) -> PluginConnectionError:
@@ -103,14 +172,23 @@ class PluginConnection:
     """
 
     def __init__(
-        self, address: str, channel: grpc.aio.Channel, service: PluginService = INGESTOR_SERVICE
+        self,
+        address: str,
+        channel: grpc.aio.Channel,
+        service: PluginService = INGESTOR_SERVICE,
+        slot: int = 0,
     ) -> None:
         self.address = address
         self.channel = channel
         self.rpc = service.bind(channel)
+        # Which of its endpoint's channels it is (0 .. channels_per_endpoint - 1).
+        self.slot = slot
         self.ready = False
         # Set when this pool dropped it: a call cancelled by its closing was not the caller's.
         self.dropped = False
+        # The ingest stream multiplexed on this channel (ingestor.stream), made on first use;
+        # it ends with the channel.
+        self.stream: object | None = None
 
     async def connect(self, timeout: float) -> None:  # noqa: ASYNC109 (maps to our error)
         """Wait until the channel is READY (once; later calls return at once).
@@ -146,7 +224,7 @@ class PluginConnection:
 
 
 class ConnectionPool:
-    """The connections one client holds on one event loop."""
+    """The connections one client holds on one event loop: ``channels`` per address."""
 
     def __init__(
         self,
@@ -154,43 +232,65 @@ class ConnectionPool:
         dialer: PluginDialer,
         options: Iterable[tuple[str, int | str]] = (),
         service: PluginService = INGESTOR_SERVICE,
+        *,
+        channels: int = DEFAULT_CHANNELS_PER_ENDPOINT,
     ) -> None:
         self.loop = loop
+        self.channels = check_channels_per_endpoint(channels)
         self._dialer = dialer
         self._service = service
-        self._options = channel_options(options)
-        self._connections: dict[str, PluginConnection] = {}
+        self._options = list(options)
+        self._slots: dict[str, Slots[PluginConnection]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     async def open(self, address: str) -> PluginConnection:
-        """The cached connection to ``address``; vetted and made (not connected) when missing.
+        """The next cached connection to ``address`` in turn; vetted and made (not
+        connected) when that slot is empty.
 
         Raises:
             PluginConnectionError: the address does not parse or the address policy
                 refuses it ("address policy" in the message); nothing was dialled.
         Cancellation abandons the vetting (a DNS lookup).
         """
-        connection = self._connections.get(address)
-        if connection is not None:
-            return connection
+        slots = self._slots.get(address)
+        slot = 0
+        if slots is not None:
+            slot = slots.take()
+            connection = slots.connections[slot]
+            if connection is not None:
+                return connection
         try:
             target = await self._dialer.vet(address)
         except InvalidArgument as exc:  # AddressRefused too
             raise refused(address, exc) from exc
-        connection = self._connections.get(address)  # another call may have made it meanwhile
+        slots = self._slots.get(address)  # another call may have made it meanwhile
+        if slots is None:
+            slots = self._slots[address] = Slots(self.channels)
+        connection = slots.connections[slot]
         if connection is None:
-            channel = self._dialer.open(target, self._options)
-            connection = PluginConnection(address, channel, self._service)
-            self._connections[address] = connection
+            channel = self._dialer.open(target, channel_options(self._options, slot))
+            connection = PluginConnection(address, channel, self._service, slot)
+            slots.connections[slot] = connection
         return connection
 
+    def connections(self, address: str) -> list[PluginConnection]:
+        """The connections to ``address`` made so far and not dropped, by slot."""
+        slots = self._slots.get(address)
+        return [] if slots is None else slots.live()
+
     def __len__(self) -> int:
-        return len(self._connections)
+        return sum(len(slots.live()) for slots in self._slots.values())
 
     def drop(self, connection: PluginConnection, grace: float | None) -> None:
-        """Forget a connection and close it in the background (calls in flight get ``grace``)."""
-        if self._connections.get(connection.address) is connection:
-            del self._connections[connection.address]
+        """Forget a connection and close it in the background (calls in flight get ``grace``).
+
+        Only its slot empties: the endpoint's other channels stay.
+        """
+        slots = self._slots.get(connection.address)
+        if slots is not None and slots.connections[connection.slot] is connection:
+            slots.connections[connection.slot] = None
+            if not slots.live():
+                del self._slots[connection.address]
         if connection.dropped:
             return
         connection.dropped = True
@@ -200,14 +300,17 @@ class ConnectionPool:
 
     def keep_only(self, addresses: Collection[str], grace: float | None) -> None:
         """Drop every connection whose address is not in ``addresses``."""
-        for address, connection in list(self._connections.items()):
+        for address, slots in list(self._slots.items()):
             if address not in addresses:
-                log.debug("closing the channel to %s: no longer routable", address)
-                self.drop(connection, grace)
+                log.debug("closing the channels to %s: no longer routable", address)
+                for connection in slots.live():
+                    self.drop(connection, grace)
+                self._slots.pop(address, None)
 
     async def close(self) -> None:
         """Close every connection now (calls in flight are cancelled) and wait for it."""
-        connections, self._connections = list(self._connections.values()), {}
+        everything, self._slots = list(self._slots.values()), {}
+        connections = [c for slots in everything for c in slots.live()]
         for connection in connections:
             connection.dropped = True
         closing = [c.close() for c in connections]

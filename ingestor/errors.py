@@ -3,10 +3,13 @@
     PluginError                  base; also misuse (a closed client, ``ingest`` inside a loop)
     ├── PluginConnectionError    the plugin cannot be reached: connect failure, UNAVAILABLE,
     │                            DEADLINE_EXCEEDED, no routable plugin, a too-stale registry view
-    └── PluginTransformError     the plugin answered but could not transform the payload:
-                                 errors and no events, or a non-transport error status;
-                                 or its answer was refused: over max_response_bytes, more
-                                 than max_events events or errors, undecodable
+    ├── PluginTransformError     the plugin answered but could not transform the payload:
+    │                            errors and no events, or a non-transport error status;
+    │                            or its answer was refused: over max_response_bytes, more
+    │                            than max_events events or errors, undecodable
+    └── PluginEmitError          an emitter did not deliver some events (``failed_event_ids``):
+                                 it failed them for good, or retries ran out (its cause is
+                                 the last failure: a PluginConnectionError when unreachable)
 
 RPC errors are translated where the call is made and chained (``raise ... from exc``).
 """
@@ -54,3 +57,33 @@ class PluginTransformError(PluginError):
         self.address = address
         self.code = code
         self.errors = list(errors)
+
+
+class PluginEmitError(PluginError):
+    """An emitter plugin did not deliver some events; ``failed_event_ids`` names them.
+
+    The ids are those of the events given to ``emit`` that were not delivered, in the
+    order given (events without an id cannot be named: give every event one).
+    ``errors`` holds the plugin's last ``EmitError`` for each of them that it
+    explained (none when it could not be reached, or answered an error status);
+    ``code`` is that status' name (``UNAVAILABLE``, ``DEADLINE_EXCEEDED`` for an
+    unreachable one), empty when the plugin answered with per-event failures;
+    ``address`` is the last endpoint tried, ``emitter`` the emitter's name.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        failed_event_ids: Sequence[str] = (),
+        errors: Sequence[pb.EmitError] = (),
+        address: str = "",
+        code: str = "",
+        emitter: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.failed_event_ids = list(failed_event_ids)
+        self.errors = list(errors)
+        self.address = address
+        self.code = code
+        self.emitter = emitter

@@ -23,6 +23,7 @@ from ingestor.answer import (
     decode_answer,
 )
 from ingestor.breaker import BreakerSettings
+from ingestor.connection import DEFAULT_CHANNELS_PER_ENDPOINT, PluginConnection
 from ingestor.context import IngestContext
 from ingestor.errors import PluginError, PluginTransformError
 from ingestor.failures import Failure, Verdict
@@ -30,6 +31,13 @@ from ingestor.metrics import gateway_metrics, measured, measured_sync
 from ingestor.plugin_client import PluginClient
 from ingestor.resolver import RegistryResolver
 from ingestor.result import IngestResult
+from ingestor.stream import (
+    DEFAULT_STREAM_IN_FLIGHT,
+    STREAM_CAPABILITY,
+    Resend,
+    check_stream_in_flight,
+    ingest_stream,
+)
 from ingestor.view import Endpoint, ResolverView
 from registry.trust.addresses import AddressPolicy, HostResolver
 from registry.trust.tls import TlsFiles
@@ -93,11 +101,30 @@ class ExternalIngestor(PluginClient):
     ``metrics``: a CollectorRegistry to report ingest latency, errors and breaker
     states on (:mod:`ingestor.metrics`); None reports nothing.
 
+    ``channels_per_endpoint`` (default 1, at most 64): how many HTTP/2 connections to
+    open to each instance (on each loop, and for the sync calls); the calls to it take
+    them in turn. One connection is served by one thread of the plugin's gRPC core at
+    a time: more spread a busy gateway's load on one instance (bench/stream_bench.py).
+
+    Streaming (SPEC §10): ``ingest_async`` sends over the plugin's ``IngestorStream``
+    when it offers the capability ``ingest.stream.v1``, many callers on one stream per
+    channel (:mod:`ingestor.stream`), at most ``stream_in_flight`` requests on it at once
+    (more wait for a slot, within their ``ingest_timeout``); otherwise unary ``Ingest``.
+    A resolved endpoint's capability is read from the registry's view of it; a static
+    ``address`` is asked its ``Info`` once per channel. Everything else is as for unary
+    calls: the same timeout per request, limits, errors, breaker and retry (a broken
+    stream fails the requests it had not answered as UNAVAILABLE, and each is retried
+    on another instance; the next call opens a new stream). The synchronous calls stay
+    unary: a sync caller has one call in flight per thread, and multiplexing threads on
+    one stream would cost two thread hand-offs per call, what the sync path exists to
+    avoid. ``streaming=False`` keeps ``ingest_async`` unary too.
+
     Raises (constructor):
         ValueError: neither or both of ``address`` and ``resolver``, a bad timeout, a
             limit out of range, an ``address`` that does not parse, unusable ``tls``
-            files, ``channel_options`` setting the receive limit, or ``metrics``
-            holding other families of the gateway's names.
+            files, ``channel_options`` setting the receive limit,
+            ``channels_per_endpoint`` or ``stream_in_flight`` out of range, or
+            ``metrics`` holding other families of the gateway's names.
     """
 
     def __init__(
@@ -116,11 +143,16 @@ class ExternalIngestor(PluginClient):
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_events: int = DEFAULT_MAX_EVENTS,
         metrics: CollectorRegistry | None = None,
+        channels_per_endpoint: int = DEFAULT_CHANNELS_PER_ENDPOINT,
+        streaming: bool = True,
+        stream_in_flight: int = DEFAULT_STREAM_IN_FLIGHT,
     ) -> None:
         if (address is None) == (resolver is None):
             raise ValueError("give exactly one of address and resolver")
         if connect_timeout <= 0 or ingest_timeout <= 0:
             raise ValueError("connect_timeout and ingest_timeout must be positive")
+        self.streaming = streaming
+        self.stream_in_flight = check_stream_in_flight(stream_in_flight)
         self.limits = AnswerLimits(max_response_bytes=max_response_bytes, max_events=max_events)
         options = list(channel_options)
         if any(key == _RECEIVE_LIMIT for key, _ in options):
@@ -135,6 +167,7 @@ class ExternalIngestor(PluginClient):
             address_policy=address_policy,
             host_resolver=host_resolver,
             tls=tls,
+            channels_per_endpoint=channels_per_endpoint,
         )
         self.source = source
         self.ingest_timeout = ingest_timeout
@@ -226,6 +259,32 @@ class ExternalIngestor(PluginClient):
 
     def _drain_grace(self) -> float | None:
         return self.ingest_timeout
+
+    async def _send_async(
+        self,
+        connection: PluginConnection,
+        endpoint: Endpoint,
+        method: str,
+        request: pb.IngestRequest,
+        rpc_timeout: float,
+    ) -> bytes:
+        if method == "Ingest" and self.streaming:
+            stream = ingest_stream(connection, max_in_flight=self.stream_in_flight)
+            if await stream.offered(self._offers_stream(endpoint), self.connect_timeout):
+                try:
+                    return await stream.call(request, rpc_timeout)
+                except Resend:
+                    pass  # never processed, and the channel is fine
+        return await super()._send_async(connection, endpoint, method, request, rpc_timeout)
+
+    def _offers_stream(self, endpoint: Endpoint) -> bool | None:
+        """Whether the registry says the endpoint's plugin streams; None: not resolved."""
+        resolver = self.resolver
+        if resolver is None:
+            return None
+        view = resolver.view
+        plugin = view.plugins.get(endpoint.plugin_id) if view is not None else None
+        return plugin is not None and STREAM_CAPABILITY in plugin.info.capabilities
 
     def _answer_error(self, endpoint: Endpoint, verdict: Verdict) -> PluginError:
         if verdict.failure is Failure.TOO_LARGE:  # the stream was refused, the channel is good

@@ -4,12 +4,18 @@ hub = Hub().ingestor(ExternalIngestor("k8s", "127.0.0.1:9001")).build()
 hub = Hub(resolver=RegistryResolver(registry)).build()   # every registered source
 events = hub.ingest(IngestContext("k8s"), raw)
 result = hub.ingest_with_errors(IngestContext("k8s"), raw)   # .events and .errors
+
+And each event by its ``route_to`` to emitters (:mod:`ingestor.emit_routes`):
+
+hub = Hub().emitter(ExternalEmitter("audit", "127.0.0.1:9002")).build()
+outcome = hub.emit(events)    # an EmitResult: .failed by emitter, .dropped
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry
 
@@ -17,7 +23,11 @@ from ingestor import _loop
 from ingestor._closing import Closing
 from ingestor.answer import DEFAULT_MAX_EVENTS, DEFAULT_MAX_RESPONSE_BYTES, AnswerLimits
 from ingestor.breaker import BreakerSettings
+from ingestor.connection import DEFAULT_CHANNELS_PER_ENDPOINT, check_channels_per_endpoint
 from ingestor.context import IngestContext
+from ingestor.delivery import RetryPolicy
+from ingestor.emit_routes import EmitResult, EmitterRoutes, EmitterSettings
+from ingestor.emitter import DEFAULT_EMIT_TIMEOUT, ExternalEmitter
 from ingestor.errors import PluginError
 from ingestor.external import DEFAULT_CONNECT_TIMEOUT, DEFAULT_INGEST_TIMEOUT, ExternalIngestor
 from ingestor.metrics import gateway_metrics
@@ -33,8 +43,8 @@ class Hub(Closing):
     Add static ingestors with :meth:`ingestor`, then call :meth:`build`. With a
     ``resolver``, a source no static ingestor serves goes to the registered plugins
     declaring it, through an ExternalIngestor made on first use (with
-    ``connect_timeout``, ``ingest_timeout``, ``breaker``, ``max_response_bytes`` and
-    ``max_events``).
+    ``connect_timeout``, ``ingest_timeout``, ``breaker``, ``max_response_bytes``,
+    ``max_events`` and ``channels_per_endpoint``).
 
     The hub owns its ingestors, static and dynamic, and closes them; it does not own
     ``resolver``. Thread rules as :class:`ExternalIngestor`.
@@ -43,9 +53,17 @@ class Hub(Closing):
     payloads for no known source (:mod:`ingestor.metrics`); give static ingestors
     their own ``metrics``.
 
+    Events go out through emitters: static ones added with :meth:`emitter` and, with
+    a resolver, every emitter a registered plugin has (made on first use with
+    ``connect_timeout``, ``emit_timeout``, ``retry``, ``breaker`` and ``metrics``).
+    :meth:`emit` sends each event to the emitters its ``route_to`` names (all of them
+    when empty) and returns an :class:`~ingestor.emit_routes.EmitResult`; events no
+    emitter takes are counted in :attr:`dropped` and the gateway metrics. The hub
+    owns its emitters too: closing it calls their Shutdown and closes them.
+
     Raises (constructor):
-        ValueError: a limit is out of range, or ``metrics`` holds other families of
-            the gateway's names.
+        ValueError: a limit is out of range (``channels_per_endpoint`` among them), or
+            ``metrics`` holds other families of the gateway's names.
     """
 
     def __init__(
@@ -58,8 +76,12 @@ class Hub(Closing):
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_events: int = DEFAULT_MAX_EVENTS,
         metrics: CollectorRegistry | None = None,
+        channels_per_endpoint: int = DEFAULT_CHANNELS_PER_ENDPOINT,
+        emit_timeout: float = DEFAULT_EMIT_TIMEOUT,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.resolver = resolver
+        self.channels_per_endpoint = check_channels_per_endpoint(channels_per_endpoint)
         self.metrics = metrics
         self._metrics = gateway_metrics(metrics)
         self.connect_timeout = connect_timeout
@@ -71,6 +93,12 @@ class Hub(Closing):
         self._dynamic: dict[str, ExternalIngestor] = {}
         self._built = False
         self._closed = False
+        self._emitters = EmitterRoutes(
+            resolver,
+            EmitterSettings(
+                connect_timeout, emit_timeout, retry, breaker, metrics, self.channels_per_endpoint
+            ),
+        )
 
     def ingestor(self, ingestor: ExternalIngestor) -> Hub:
         """Route ``ingestor.source`` to ``ingestor``; returns the hub (chainable).
@@ -86,6 +114,53 @@ class Hub(Closing):
                 raise ValueError(f"source {ingestor.source!r} already has an ingestor")
             self._static[ingestor.source] = ingestor
         return self
+
+    def emitter(self, emitter: ExternalEmitter) -> Hub:
+        """Route events for ``emitter.emitter_name`` to ``emitter``; returns the hub.
+
+        Raises:
+            ValueError: another emitter already has that name.
+            PluginError: the hub is already built.
+        """
+        with self._lock:
+            if self._built:
+                raise PluginError("the hub is built: add emitters before build()")
+            self._emitters.add(emitter)
+        return self
+
+    def emitters(self) -> frozenset[str]:
+        """The emitter names it routes to now: static ones and, once synced, registered ones."""
+        return self._emitters.names()
+
+    @property
+    def dropped(self) -> int:
+        """How many events :meth:`emit` gave to no emitter, since the hub was made."""
+        return self._emitters.dropped
+
+    async def emit_async(self, events: Iterable[event_pb.Event]) -> EmitResult:
+        """Send each event to the emitters its ``route_to`` names (all when empty).
+
+        Emitters are called concurrently, each with its own retries. Failures of an
+        emitter are in the result (``failed``), not raised.
+
+        Raises:
+            PluginConnectionError: the resolver had no view within its connect timeout.
+            PluginError: the hub is not built, or closed.
+        Cancellation cancels the emits in flight.
+        """
+        self._check_usable()
+        return await self._emitters.emit_async(events)
+
+    def emit(self, events: Iterable[event_pb.Event]) -> EmitResult:
+        """Synchronous :meth:`emit_async` (the emitters one after another, on this thread).
+
+        Raises:
+            PluginError: called on a thread whose event loop is running (use
+                ``await hub.emit_async(events)`` there); and as :meth:`emit_async`.
+        """
+        _loop.refuse_inside_loop("Hub.emit", "hub.emit_async(events)")
+        self._check_usable()
+        return self._emitters.emit(events)
 
     def build(self) -> Hub:
         """Freeze the static routes; the hub routes from now on. Returns the hub."""
@@ -203,13 +278,16 @@ class Hub(Closing):
         return ingestor.ingest_with_errors(ctx, data)
 
     def close(self) -> None:
-        """Close every ingestor of the hub. Idempotent."""
+        """Close every ingestor and emitter of the hub (Shutdown on emitters). Idempotent."""
         for ingestor in self._shut():
             ingestor.close()
+        for emitter in self._emitters.shut():
+            emitter.close()
 
     async def aclose(self) -> None:
-        """Close every ingestor of the hub, waiting for their channels. Idempotent."""
+        """Close every ingestor and emitter of the hub, waiting for them. Idempotent."""
         await asyncio.gather(*(ingestor.aclose() for ingestor in self._shut()))
+        await asyncio.gather(*(emitter.aclose() for emitter in self._emitters.shut()))
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -235,6 +313,7 @@ class Hub(Closing):
                     max_response_bytes=self.limits.max_response_bytes,
                     max_events=self.limits.max_events,
                     metrics=self.metrics,
+                    channels_per_endpoint=self.channels_per_endpoint,
                 )
                 self._dynamic[source] = ingestor
             return ingestor

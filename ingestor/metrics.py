@@ -18,6 +18,11 @@ number of ingestors, hubs and resolvers report into the same families:
   ``other`` (a closed ingestor), ``record`` (each per-record error a plugin reported
   next to events); and from a hub, ``no_route`` and ``unreachable`` with an empty
   ``source`` (a source nobody serves is not a label: the caller's data chose it).
+- ``polku_gateway_emit_events_total{emitter, outcome}``: events through an
+  ``ExternalEmitter``: ``emitted`` (delivered), ``failed`` (named in the
+  PluginEmitError it raised), ``retried`` (each resend of an event counts once).
+- ``polku_gateway_dropped_events_total``: events a hub's ``emit`` gave to no emitter
+  (none named in ``route_to`` exists; no label: the event's data chose the names).
 - ``polku_gateway_breaker_state{source, endpoint}``: 0 closed, 1 half-open, 2 open, for
   each endpoint an ingestor has called, read at scrape time.
 - ``polku_gateway_resolver_staleness_seconds{registry}``: seconds since a live Watch
@@ -93,6 +98,17 @@ class GatewayMetrics:
             ["source", "kind"],
             registry=registry,
         )
+        self.emit_events = Counter(
+            PREFIX + "emit_events",
+            "Events through emitters, by emitter and outcome (emitted, failed, retried).",
+            ["emitter", "outcome"],
+            registry=registry,
+        )
+        self.dropped_events = Counter(
+            PREFIX + "dropped_events",
+            "Events a hub routed to no emitter (no emitter named in route_to exists).",
+            registry=registry,
+        )
         self._lock = threading.Lock()
         self._ingestors: weakref.WeakSet[_Breakers] = weakref.WeakSet()
         self._resolvers: weakref.WeakSet[_Resolves] = weakref.WeakSet()
@@ -124,6 +140,17 @@ class GatewayMetrics:
     def failed(self, source: str, seconds: float, error: PluginError) -> None:
         self.ingest_seconds.labels(source, "error").observe(seconds)
         self.errors.labels(source, error_kind(error)).inc()
+
+    def emitted(self, emitter: str, delivered: int, failed: int, retried: int) -> None:
+        """One emit call's counts of events: delivered, failed for good, sent again."""
+        for outcome, count in (("emitted", delivered), ("failed", failed), ("retried", retried)):
+            if count:
+                self.emit_events.labels(emitter, outcome).inc(count)
+
+    def dropped(self, count: int) -> None:
+        """A hub gave ``count`` events to no emitter."""
+        if count:
+            self.dropped_events.inc(count)
 
     def unrouted(self, error: PluginError) -> None:
         """A hub found no ingestor for a payload (no source label: the data chose it)."""

@@ -37,7 +37,14 @@ from ingestor import _loop
 from ingestor._closing import Closing
 from ingestor.balancer import Balancer
 from ingestor.breaker import BreakerSettings, BreakerState, CircuitBreaker
-from ingestor.connection import INGESTOR_SERVICE, ConnectionPool, PluginService
+from ingestor.connection import (
+    DEFAULT_CHANNELS_PER_ENDPOINT,
+    INGESTOR_SERVICE,
+    ConnectionPool,
+    PluginConnection,
+    PluginService,
+    check_channels_per_endpoint,
+)
 from ingestor.errors import PluginConnectionError, PluginError
 from ingestor.failures import TRANSPORT_CODES, Verdict, judge_error
 from ingestor.metrics import GatewayMetrics
@@ -76,10 +83,13 @@ class PluginClient(Closing):
     """A client of one plugin service: static ``address`` or ``resolver``, lazy channels.
 
     ``what`` names the target in errors and logs (``"source 'k8s'"``).
+    ``channels_per_endpoint`` (1 to 64): HTTP/2 connections to each endpoint, taken
+    in turn by the calls to it (:mod:`ingestor.connection`).
 
     Raises (constructor):
         ValueError: neither or both of ``address`` and ``resolver``, an ``address``
-            that does not parse, unusable ``tls`` files.
+            that does not parse, unusable ``tls`` files, ``channels_per_endpoint``
+            out of range.
     """
 
     def __init__(
@@ -95,9 +105,11 @@ class PluginClient(Closing):
         host_resolver: HostResolver | None,
         tls: TlsFiles | None,
         service: PluginService = INGESTOR_SERVICE,
+        channels_per_endpoint: int = DEFAULT_CHANNELS_PER_ENDPOINT,
     ) -> None:
         if (address is None) == (resolver is None):
             raise ValueError("give exactly one of address and resolver")
+        self.channels_per_endpoint = check_channels_per_endpoint(channels_per_endpoint)
         if address is not None:
             try:
                 parse_address("address", address)
@@ -221,7 +233,7 @@ class PluginClient(Closing):
         try:
             if not connection.ready:
                 await connection.connect(self.connect_timeout)
-            raw: bytes = await connection.rpc[method](request, timeout=rpc_timeout)
+            raw = await self._send_async(connection, endpoint, method, request, rpc_timeout)
         except PluginConnectionError as exc:
             breaker.failure()
             pool.drop(connection, None)
@@ -235,6 +247,22 @@ class PluginClient(Closing):
             breaker.release()
             raise
         return _decoded(breaker, endpoint, raw, decode)
+
+    async def _send_async(
+        self,
+        connection: PluginConnection,
+        endpoint: Endpoint,
+        method: str,
+        request: Any,
+        rpc_timeout: float,
+    ) -> bytes:
+        """The RPC itself, on a connected channel: the answer's bytes.
+
+        A subclass may send it another way (ExternalIngestor: over the channel's ingest
+        stream); it raises as the unary call does, ``grpc.aio.AioRpcError`` on failure.
+        """
+        raw: bytes = await connection.rpc[method](request, timeout=rpc_timeout)
+        return raw
 
     def _call_on_sync(
         self,
@@ -427,7 +455,13 @@ class PluginClient(Closing):
                 # Loops that ended took their channels with them.
                 for old in [lp for lp in self._pools if lp.is_closed()]:
                     del self._pools[old]
-                pool = ConnectionPool(loop, self._dialer, self._channel_options, self._service)
+                pool = ConnectionPool(
+                    loop,
+                    self._dialer,
+                    self._channel_options,
+                    self._service,
+                    channels=self.channels_per_endpoint,
+                )
                 self._pools[loop] = pool
             return pool
 
@@ -445,6 +479,7 @@ class PluginClient(Closing):
                     self._channel_options,
                     self._service,
                     connect_timeout=self.connect_timeout,
+                    channels=self.channels_per_endpoint,
                 )
             return self._sync
 

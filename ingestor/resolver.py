@@ -338,6 +338,29 @@ class RegistryResolver(Closing):
             await self.wait_synced_async(self.connect_timeout)
         return self.resolve(source)
 
+    def resolve_emitter(self, emitter_name: str) -> tuple[Endpoint, ...]:
+        """The HEALTHY endpoints of the emitter ``emitter_name``; never blocks.
+
+        As :meth:`resolve`, for an emitter name (a plugin's ``emitter_name``, else its
+        name) instead of a source.
+
+        Raises:
+            PluginConnectionError: not synced yet, too stale, or no HEALTHY instance.
+            PluginError: the resolver is closed.
+        """
+        view = self._current_view()
+        endpoints = view.emitter_endpoints(emitter_name)
+        if endpoints:
+            return endpoints
+        if view.declares_emitter(emitter_name):
+            why = f"{len(view.emitters[emitter_name])} instance(s) registered, none HEALTHY"
+        else:
+            why = "no registered emitter has that name"
+        raise PluginConnectionError(
+            f"no routable plugin for emitter {emitter_name!r}: {why} "
+            f"(registry revision {view.revision})"
+        )
+
     def current_view(self) -> ResolverView:
         """The view resolution would use now.
 

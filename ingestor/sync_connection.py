@@ -7,7 +7,8 @@
 
 The twin of :mod:`ingestor.connection` on ``grpc.Channel``: the same endpoints, the same
 vetting by the address policy, the same target, credentials and options (the receive
-limit among them), one channel per address. A call runs on the caller's thread, with
+limit among them), ``channels`` per address taken in turn (each an HTTP/2 connection of
+its own, as there). A call runs on the caller's thread, with
 no hand-off to another. A pool is thread-safe: any number of threads call through it.
 
 Vetting is the one asynchronous step (a host name is resolved by the dialer's async
@@ -25,7 +26,15 @@ from typing import Any
 import grpc
 
 from ingestor import _loop
-from ingestor.connection import INGESTOR_SERVICE, PluginService, channel_options, refused
+from ingestor.connection import (
+    DEFAULT_CHANNELS_PER_ENDPOINT,
+    INGESTOR_SERVICE,
+    PluginService,
+    Slots,
+    channel_options,
+    check_channels_per_endpoint,
+    refused,
+)
 from ingestor.errors import PluginConnectionError, PluginError
 from registry.errors import InvalidArgument
 from registry.trust.addresses import DialTarget
@@ -72,11 +81,17 @@ class SyncConnection:
     """
 
     def __init__(
-        self, address: str, channel: grpc.Channel, service: PluginService = INGESTOR_SERVICE
+        self,
+        address: str,
+        channel: grpc.Channel,
+        service: PluginService = INGESTOR_SERVICE,
+        slot: int = 0,
     ) -> None:
         self.address = address
         self.channel = channel
         self.rpc = service.bind(channel)
+        # Which of its endpoint's channels it is (0 .. channels_per_endpoint - 1).
+        self.slot = slot
         self.ready = False
         # Set when its pool dropped it: a call cancelled by its closing was not the caller's.
         self.dropped = False
@@ -208,7 +223,7 @@ class SyncConnection:
 
 
 class SyncPool:
-    """The synchronous connections one client holds: one per address, any thread.
+    """The synchronous connections one client holds: ``channels`` per address, any thread.
 
     ``connect_timeout`` bounds the vetting of a new endpoint (a name's lookup).
     """
@@ -220,35 +235,46 @@ class SyncPool:
         service: PluginService = INGESTOR_SERVICE,
         *,
         connect_timeout: float = 5.0,
+        channels: int = DEFAULT_CHANNELS_PER_ENDPOINT,
     ) -> None:
+        self.channels = check_channels_per_endpoint(channels)
         self._dialer = dialer
         self._service = service
-        self._options = channel_options(options)
+        self._options = list(options)
         self._connect_timeout = connect_timeout
         self._lock = threading.Lock()
-        self._connections: dict[str, SyncConnection] = {}
+        self._slots: dict[str, Slots[SyncConnection]] = {}
         self._closed = False
 
     def open(self, address: str) -> SyncConnection:
-        """The cached connection to ``address``; vetted and made (not connected) when missing.
+        """The next cached connection to ``address`` in turn; vetted and made (not
+        connected) when that slot is empty.
 
         Raises:
             PluginConnectionError: the address does not parse or the address policy
                 refuses it ("address policy" in the message); nothing was dialled.
             PluginError: the pool is closed.
         """
-        connection = self._connections.get(address)
-        if connection is not None:
-            return connection
+        slots = self._slots.get(address)
+        slot = 0
+        if slots is not None:
+            slot = slots.take()
+            connection = slots.connections[slot]
+            if connection is not None:
+                return connection
         target = self._vet(address)
         with self._lock:
             if self._closed:
                 raise PluginError("the client is closed")
-            connection = self._connections.get(address)  # another thread may have made it
+            slots = self._slots.get(address)  # another thread may have made it
+            if slots is None:
+                slots = self._slots[address] = Slots(self.channels)
+            connection = slots.connections[slot]
             if connection is None:
-                channel = sync_plugin_channel(target, self._dialer.credentials, self._options)
-                connection = SyncConnection(address, channel, self._service)
-                self._connections[address] = connection
+                options = channel_options(self._options, slot)
+                channel = sync_plugin_channel(target, self._dialer.credentials, options)
+                connection = SyncConnection(address, channel, self._service, slot)
+                slots.connections[slot] = connection
             return connection
 
     def _vet(self, address: str) -> DialTarget:
@@ -262,34 +288,45 @@ class SyncPool:
         except InvalidArgument as exc:  # AddressRefused too
             raise refused(address, exc) from exc
 
+    def connections(self, address: str) -> list[SyncConnection]:
+        """The connections to ``address`` made so far and not dropped, by slot."""
+        with self._lock:
+            slots = self._slots.get(address)
+            return [] if slots is None else slots.live()
+
     def __len__(self) -> int:
-        return len(self._connections)
+        with self._lock:
+            return sum(len(slots.live()) for slots in self._slots.values())
 
     def drop(self, connection: SyncConnection, grace: float | None = None) -> None:
         """Forget a connection; it closes once the calls on it are done.
 
-        ``grace`` is accepted for the async pool's signature: calls in flight carry
-        their own deadline, which bounds how long the channel stays open.
+        Only its slot empties: the endpoint's other channels stay. ``grace`` is
+        accepted for the async pool's signature: calls in flight carry their own
+        deadline, which bounds how long the channel stays open.
         """
         with self._lock:
-            if self._connections.get(connection.address) is connection:
-                del self._connections[connection.address]
+            slots = self._slots.get(connection.address)
+            if slots is not None and slots.connections[connection.slot] is connection:
+                slots.connections[connection.slot] = None
+                if not slots.live():
+                    del self._slots[connection.address]
         connection.retire()
 
     def keep_only(self, addresses: Collection[str], grace: float | None = None) -> None:
         """Drop every connection whose address is not in ``addresses``."""
         with self._lock:
-            gone = [c for a, c in self._connections.items() if a not in addresses]
-            for connection in gone:
-                del self._connections[connection.address]
-        for connection in gone:
-            log.debug("closing the channel to %s: no longer routable", connection.address)
+            gone = [a for a in self._slots if a not in addresses]
+            connections = [c for a in gone for c in self._slots.pop(a).live()]
+        for connection in connections:
+            log.debug("closing a channel to %s: no longer routable", connection.address)
             connection.retire()
 
     def close(self) -> None:
         """Close every connection now (calls in flight are cancelled); refuse new ones."""
         with self._lock:
             self._closed = True
-            connections, self._connections = list(self._connections.values()), {}
-        for connection in connections:
-            connection.close()
+            everything, self._slots = list(self._slots.values()), {}
+        for slots in everything:
+            for connection in slots.live():
+                connection.close()

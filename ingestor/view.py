@@ -12,6 +12,16 @@ from dataclasses import dataclass, field, replace
 from registry.wire import pb
 
 HEALTHY = pb.PLUGIN_STATUS_HEALTHY
+EMITTER = pb.PLUGIN_TYPE_EMITTER
+
+
+def emitter_key(plugin: pb.RegisteredPlugin) -> str:
+    """The emitter name a plugin is resolved by (its ``emitter_name``, else its name); "" if none.
+
+    The registry's rule (``Registration.emitter_key``): only emitters have one.
+    """
+    info = plugin.info
+    return (info.emitter_name or info.name) if info.type == EMITTER else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,13 +43,29 @@ class ResolverView:
 
     ``plugins`` maps plugin id to its latest ``RegisteredPlugin`` (any status);
     ``members`` maps each declared source to the ids of the plugins declaring it;
-    ``routes`` maps each source to its routable endpoints, sorted by plugin id.
+    ``routes`` maps each source to its routable endpoints, sorted by plugin id;
+    ``emitters`` and ``emitter_routes`` are the same two for emitter names
+    (:func:`emitter_key`).
     """
 
     revision: int = 0
     plugins: Mapping[str, pb.RegisteredPlugin] = field(default_factory=dict)
     members: Mapping[str, frozenset[str]] = field(default_factory=dict)
     routes: Mapping[str, tuple[Endpoint, ...]] = field(default_factory=dict)
+    emitters: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    emitter_routes: Mapping[str, tuple[Endpoint, ...]] = field(default_factory=dict)
+
+    def emitter_endpoints(self, emitter_name: str) -> tuple[Endpoint, ...]:
+        """The routable endpoints of the emitter ``emitter_name``; empty when none is HEALTHY."""
+        return self.emitter_routes.get(emitter_name, ())
+
+    def declares_emitter(self, emitter_name: str) -> bool:
+        """Whether any registered plugin (any status) is the emitter ``emitter_name``."""
+        return bool(self.emitters.get(emitter_name))
+
+    def emitter_names(self) -> frozenset[str]:
+        """Every emitter name some registered plugin has."""
+        return frozenset(self.emitters)
 
     def endpoints(self, source: str) -> tuple[Endpoint, ...]:
         """The routable endpoints of ``source``; empty when none is HEALTHY."""
@@ -70,6 +96,8 @@ class ResolverView:
         plugins = {} if replace_all else dict(self.plugins)
         members = {} if replace_all else dict(self.members)
         touched: set[str] = set(self.members) if replace_all else set()
+        emitters = {} if replace_all else dict(self.emitters)
+        touched_emitters: set[str] = set(self.emitters) if replace_all else set()
 
         def forget(plugin: pb.RegisteredPlugin) -> None:
             for source in plugin.info.sources:
@@ -79,6 +107,14 @@ class ResolverView:
                     members[source] = ids
                 else:
                     members.pop(source, None)
+            key = emitter_key(plugin)
+            if key:
+                touched_emitters.add(key)
+                ids = emitters.get(key, frozenset()) - {plugin.plugin_id}
+                if ids:
+                    emitters[key] = ids
+                else:
+                    emitters.pop(key, None)
 
         for plugin_id in removed:
             old = plugins.pop(plugin_id, None)
@@ -92,27 +128,43 @@ class ResolverView:
             for source in plugin.info.sources:
                 touched.add(source)
                 members[source] = members.get(source, frozenset()) | {plugin.plugin_id}
+            key = emitter_key(plugin)
+            if key:
+                touched_emitters.add(key)
+                emitters[key] = emitters.get(key, frozenset()) | {plugin.plugin_id}
 
         routes = {} if replace_all else dict(self.routes)
-        for source in touched:
-            live = tuple(
-                Endpoint(address=p.address, plugin_id=p.plugin_id, name=p.info.name)
-                for p in sorted(
-                    (plugins[i] for i in members.get(source, ())), key=lambda p: p.plugin_id
-                )
-                if p.status == HEALTHY
-            )
-            if live:
-                routes[source] = live
-            else:
-                routes.pop(source, None)
+        _reroute(routes, touched, members, plugins)
+        emitter_routes = {} if replace_all else dict(self.emitter_routes)
+        _reroute(emitter_routes, touched_emitters, emitters, plugins)
         return ResolverView(
             revision=max(revision, 0 if replace_all else self.revision),
             plugins=plugins,
             members=members,
             routes=routes,
+            emitters=emitters,
+            emitter_routes=emitter_routes,
         )
 
     def at(self, revision: int) -> ResolverView:
         """The same contents, confirmed current at ``revision`` (a progress message)."""
         return self if revision <= self.revision else replace(self, revision=revision)
+
+
+def _reroute(
+    routes: dict[str, tuple[Endpoint, ...]],
+    keys: Iterable[str],
+    members: Mapping[str, frozenset[str]],
+    plugins: Mapping[str, pb.RegisteredPlugin],
+) -> None:
+    """Rebuild the routable endpoints of each of ``keys`` (a source or an emitter name)."""
+    for key in keys:
+        live = tuple(
+            Endpoint(address=p.address, plugin_id=p.plugin_id, name=p.info.name)
+            for p in sorted((plugins[i] for i in members.get(key, ())), key=lambda p: p.plugin_id)
+            if p.status == HEALTHY
+        )
+        if live:
+            routes[key] = live
+        else:
+            routes.pop(key, None)

@@ -18,6 +18,19 @@
 // clear to anything but loopback), --tls-ca PEM (else $POLKU_REGISTRY_TLS_CA: the CA that
 // verifies an https:// registry; without it, the system roots).
 // Prints `listening on HOST:PORT` and `registered <id>` on stdout, the rest on stderr.
+//
+// Streaming (SPEC §10): it also serves polku.v1.IngestorStream, one answer per request in
+// request order, and registers with the capability `ingest.stream.v1`, so the gateway
+// sends over one stream instead of a unary call per payload. A failing ingest answers its
+// own request (no events, one error `ingest failed: …`, details INTERNAL) and the stream
+// goes on; a client that reads slowly pauses the reading of requests (backpressure).
+//
+// Emitter mode, `--emitter NAME`: it serves polku.v1.EmitterPlugin instead, registered
+// as the emitter NAME (PLUGIN_TYPE_EMITTER, emitter_name NAME). Emit prints each event
+// on stdout as `emitted {"id":…,"source":…,"type":…,"payload":…}`, once per id (the
+// gateway delivers at least once: an id seen among the last 100000 is acknowledged and
+// not printed again; an event without an id is refused, not retryable); Shutdown prints
+// `shutdown` (the gateway closing) and keeps serving.
 
 const crypto = require('node:crypto');
 const fs = require('node:fs');
@@ -69,15 +82,26 @@ const config = {
   token: args.token || process.env.POLKU_REGISTRY_TOKEN || '',
   tlsCa: args['tls-ca'] || process.env.POLKU_REGISTRY_TLS_CA || '',
 };
-const INFO = {
-  name: args.name || 'node-lines',
-  version: '1.0.0',
-  type: 'PLUGIN_TYPE_INGESTOR',
-  description: 'Node.js: one event per line',
-  sources: args.source.length ? args.source : ['node-lines'],
-  emitter_name: '',
-  capabilities: [],
-};
+const EMITTER = args.emitter || ''; // emitter mode: the emitter name
+const INFO = EMITTER
+  ? {
+    name: args.name || `node-${EMITTER}`,
+    version: '1.0.0',
+    type: 'PLUGIN_TYPE_EMITTER',
+    description: 'Node.js: events out as JSON lines on stdout',
+    sources: [],
+    emitter_name: EMITTER,
+    capabilities: [],
+  }
+  : {
+    name: args.name || 'node-lines',
+    version: '1.0.0',
+    type: 'PLUGIN_TYPE_INGESTOR',
+    description: 'Node.js: one event per line',
+    sources: args.source.length ? args.source : ['node-lines'],
+    emitter_name: '',
+    capabilities: ['ingest.stream.v1'],
+  };
 
 function log(message) {
   console.error(`${new Date().toISOString()} ${message}`);
@@ -112,8 +136,53 @@ function ingest(request) {
   return { events, errors: [] };
 }
 
+// Emitter mode: each event as a JSON line, once per id (bounded memory of the ids seen).
+const SEEN_MAX = 100000;
+const seen = new Set();
+
+function emit(request) {
+  const response = { success_count: 0, failed_event_ids: [], errors: [] };
+  for (const event of request.events) {
+    if (!event.id) {
+      response.errors.push({ event_id: '', message: 'an event needs an id', retryable: false });
+      continue;
+    }
+    if (!seen.has(event.id)) {
+      const line = {
+        id: event.id,
+        source: event.source,
+        type: event.event_type,
+        payload: Buffer.from(event.payload || []).toString('utf8'),
+      };
+      console.log(`emitted ${JSON.stringify(line)}`);
+      seen.add(event.id);
+      if (seen.size > SEEN_MAX) seen.delete(seen.values().next().value);
+    }
+    response.success_count += 1;
+  }
+  return response;
+}
+
 const server = new grpc.Server();
-server.addService(polku.v1.IngestorPlugin.service, {
+if (EMITTER) {
+  server.addService(polku.v1.EmitterPlugin.service, {
+    Info: (call, callback) => callback(null, INFO),
+    Health: (call, callback) => callback(null, { healthy: true, message: '', components: {} }),
+    Emit: (call, callback) => {
+      try {
+        callback(null, emit(call.request));
+      } catch (err) {
+        log(`emit failed: ${err.stack || err}`);
+        callback({ code: grpc.status.INTERNAL, details: `emit failed: ${err.message}` });
+      }
+    },
+    Shutdown: (call, callback) => {
+      console.log('shutdown');
+      callback(null, { success: true, message: 'flushed' });
+    },
+  });
+}
+if (!EMITTER) server.addService(polku.v1.IngestorPlugin.service, {
   Info: (call, callback) => callback(null, INFO),
   Health: (call, callback) => callback(null, { healthy: true, message: '', components: {} }),
   Ingest: (call, callback) => {
@@ -125,6 +194,30 @@ server.addService(polku.v1.IngestorPlugin.service, {
     }
   },
 });
+
+// One answer per request, in order: ingest is synchronous, so each is written as it comes.
+function ingestStream(call) {
+  call.on('data', (request) => {
+    let response;
+    try {
+      response = ingest(request);
+    } catch (err) {
+      log(`ingest failed: ${err.stack || err}`);
+      response = {
+        events: [],
+        errors: [{ message: `ingest failed: ${err.message}`, details: 'INTERNAL', offset: 0 }],
+      };
+    }
+    if (!call.write(response)) {
+      call.pause(); // the client is not reading: stop reading requests until it drains
+      call.once('drain', () => call.resume());
+    }
+  });
+  call.on('end', () => call.end());
+  call.on('error', () => {}); // the client went away (cancelled, or its channel closed)
+}
+
+if (!EMITTER) server.addService(polku.v1.IngestorStream.service, { IngestStream: ingestStream });
 
 // -- the registry ------------------------------------------------------------------------
 

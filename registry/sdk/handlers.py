@@ -17,6 +17,15 @@ What each callable may return, and what an exception in it becomes:
 - ``shutdown``: a ``ShutdownResponse``, or None (success); raising answers
   ``success = false`` with the message.
 
+Streaming (SPEC §10): every ingest handler is also served as
+``polku.v1.IngestorStream`` (the host advertises :data:`STREAM_CAPABILITY`). Requests
+on one stream are handled concurrently, at most ``stream_in_flight`` of them at once
+(the stream is not read further until one is answered), and answered in request
+order. An exception in ``ingest`` answers that request alone, as an ``IngestResponse``
+with no events and one ``IngestError`` (offset 0, message ``ingest failed: ...``,
+details ``INTERNAL``): the words the unary call's INTERNAL status carries, and the
+gateway raises PluginTransformError for either; the stream goes on.
+
 Bad input is data, not a failure: report it as ``IngestError`` entries (with the
 offset of the bad record) next to the events that did parse. An exception means the
 plugin itself failed, and the gateway sees a failed call rather than a payload full
@@ -28,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -39,6 +48,10 @@ from google.protobuf.empty_pb2 import Empty
 from registry.wire import event_pb, pb
 
 log = logging.getLogger(__name__)
+
+# The capability by which a plugin offers polku.v1.IngestorStream (PluginInfo.capabilities).
+STREAM_CAPABILITY = "ingest.stream.v1"
+DEFAULT_STREAM_IN_FLIGHT = 64
 
 IngestItems: TypeAlias = Iterable[event_pb.Event | pb.IngestError]
 IngestResult: TypeAlias = pb.IngestResponse | IngestItems | AsyncIterable[Any]
@@ -120,6 +133,7 @@ class Handlers:
     emit: EmitFn | None = None
     health: HealthFn | None = None
     shutdown: ShutdownFn | None = None
+    stream_in_flight: int = DEFAULT_STREAM_IN_FLIGHT
 
     async def check_health(self) -> pb.PluginHealthResponse:
         """The author's health, or healthy when there is none; never raises but on cancel."""
@@ -153,7 +167,19 @@ class _Base:
 
 
 class IngestorServicer(_Base):
-    """``polku.v1.IngestorPlugin`` over the author's ``ingest`` and ``health``."""
+    """``polku.v1.IngestorPlugin`` and ``IngestorStream`` over ``ingest`` and ``health``."""
+
+    def __init__(self, handlers: Handlers) -> None:
+        super().__init__(handlers)
+        self._closing = asyncio.Event()
+
+    def end_streams(self) -> None:
+        """Stop taking requests on every stream: each answers what it took, then ends.
+
+        For a graceful stop: a stream never ends by itself, and would hold the server's
+        stop for its whole grace. The gateway resends what a stream did not take.
+        """
+        self._closing.set()
 
     async def Ingest(
         self, request: pb.IngestRequest, context: grpc.aio.ServicerContext
@@ -165,6 +191,60 @@ class IngestorServicer(_Base):
         except Exception as exc:
             await self._fail(context, "ingest", exc)
             raise  # unreachable: abort raises
+
+    async def IngestStream(
+        self, requests: AsyncIterator[pb.IngestRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.IngestResponse]:
+        """Answer each request on the stream, in order; several are handled at once.
+
+        A reader task takes requests while fewer than ``stream_in_flight`` are
+        unanswered and starts each one's handling; this generator answers them in
+        the order they came. :meth:`end_streams` stops the reading, and the stream
+        ends (OK) once what it took is answered. A cancelled stream (the client's
+        cancel, a stop out of grace) cancels what is still being handled.
+        """
+        slots = asyncio.Semaphore(self._handlers.stream_in_flight)
+        order: asyncio.Queue[asyncio.Future[pb.IngestResponse] | None] = asyncio.Queue()
+        closing = self._closing
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    await slots.acquire()
+                    order.put_nowait(asyncio.ensure_future(self._answer(request)))
+            except asyncio.CancelledError:
+                if not closing.is_set():
+                    raise
+            finally:
+                order.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        stop = asyncio.ensure_future(closing.wait())
+        stop.add_done_callback(lambda _: reader.cancel())
+        try:
+            while (answer := await order.get()) is not None:
+                response = await answer
+                slots.release()
+                yield response
+            await reader  # the reader's failure (a bad request stream) fails the call
+        finally:
+            stop.cancel()
+            reader.cancel()
+            while not order.empty():
+                left = order.get_nowait()
+                if left is not None:
+                    left.cancel()
+
+    async def _answer(self, request: pb.IngestRequest) -> pb.IngestResponse:
+        """One request's answer on the stream; a failure of ``ingest`` is answered too."""
+        handlers = self._handlers
+        assert handlers.ingest is not None
+        try:
+            return ingest_response(await _invoke(handlers.ingest, handlers.executor, request))
+        except Exception as exc:
+            log.exception("ingest of %s failed", handlers.info.name)
+            failed = pb.IngestError(message=f"ingest failed: {_described(exc)}", details="INTERNAL")
+            return pb.IngestResponse(errors=[failed])
 
 
 class EmitterServicer(_Base):

@@ -43,6 +43,8 @@ from registry.errors import InvalidArgument, NotFound, RegistryError, RegistryUn
 from registry.keeper import KeepAliveStream, KeepAliveUnsupported
 from registry.lifecycle import AsyncService
 from registry.sdk.handlers import (
+    DEFAULT_STREAM_IN_FLIGHT,
+    STREAM_CAPABILITY,
     EmitFn,
     EmitterServicer,
     Handlers,
@@ -259,13 +261,19 @@ class PluginHost(AsyncService):
     ``on_drain(drained)`` is called on the host's loop when an operator drains this
     instance (True) or undrains it (False); it must not block (see the module docstring).
 
+    An ingestor is served over unary ``Ingest`` and over ``polku.v1.IngestorStream``
+    too, and registers with the capability ``ingest.stream.v1`` added to ``info``;
+    ``stream_in_flight`` bounds how many requests of one stream are handled at once
+    (:mod:`registry.sdk.handlers`).
+
     ``lease_ttl_seconds=0`` takes the registry's default lease. ``grace`` is how long
     :meth:`stop` lets calls in flight finish. Thread rules: a host belongs to the event
     loop that starts it; plain (non-async) handlers run in its pool of ``max_workers``
     threads.
 
     Raises (on construction, before any I/O):
-        ValueError: no handler, both an ingest and an emit handler, or a bad field.
+        ValueError: no handler, both an ingest and an emit handler, a bad field, or
+            ``stream_in_flight`` below 1.
         InvalidArgument: the registry would refuse this registration (names the field).
         RegistryError: no registry address, or ``token``/``tls`` refused by
             RegistryClient (a token in clear to a non-loopback registry, unusable TLS
@@ -294,6 +302,7 @@ class PluginHost(AsyncService):
         token: str | None = None,
         tls: TlsFiles | None = None,
         on_drain: Callable[[bool], object] | None = None,
+        stream_in_flight: int = DEFAULT_STREAM_IN_FLIGHT,
     ) -> None:
         ingest = ingest or getattr(plugin, "ingest", None)
         emit = emit or getattr(plugin, "emit", None)
@@ -301,6 +310,13 @@ class PluginHost(AsyncService):
             raise ValueError("a plugin needs exactly one of ingest (an ingestor) or emit")
         kind = pb.PLUGIN_TYPE_INGESTOR if ingest is not None else pb.PLUGIN_TYPE_EMITTER
         self.info = plugin_info(info, kind)
+        if ingest is not None and STREAM_CAPABILITY not in self.info.capabilities:
+            self.info.capabilities.append(STREAM_CAPABILITY)
+        if isinstance(stream_in_flight, bool) or not isinstance(stream_in_flight, int):
+            raise ValueError(f"stream_in_flight must be an integer, not {stream_in_flight!r}")
+        if stream_in_flight < 1:
+            raise ValueError(f"stream_in_flight must be at least 1, not {stream_in_flight}")
+        self._stream_in_flight = stream_in_flight
         self._ingest, self._emit = ingest, emit
         self._health = health or getattr(plugin, "health", None)
         self._shutdown = shutdown or getattr(plugin, "shutdown", None)
@@ -331,6 +347,7 @@ class PluginHost(AsyncService):
         self._address = ""
         self.port = 0
         self._server: grpc.aio.Server | None = None
+        self._ingestor: IngestorServicer | None = None
         self._client: RegistryClient | None = None
         self._keeper: _Keeper | None = None
         self._pools: list[ThreadPoolExecutor] = []
@@ -381,12 +398,21 @@ class PluginHost(AsyncService):
         health_pool = ThreadPoolExecutor(1, thread_name_prefix=f"plugin-{name}-health")
         self._pools = [pool, health_pool]
         handlers = Handlers(
-            self.info, pool, health_pool, self._ingest, self._emit, self._health, self._shutdown
+            self.info,
+            pool,
+            health_pool,
+            self._ingest,
+            self._emit,
+            self._health,
+            self._shutdown,
+            self._stream_in_flight,
         )
         # Without SO_REUSEPORT a port in use is an error, not a second server sharing it.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *self._server_options])
         if self._ingest is not None:
-            pb_grpc.add_IngestorPluginServicer_to_server(IngestorServicer(handlers), server)
+            servicer = self._ingestor = IngestorServicer(handlers)
+            pb_grpc.add_IngestorPluginServicer_to_server(servicer, server)
+            pb_grpc.add_IngestorStreamServicer_to_server(servicer, server)
         else:
             pb_grpc.add_EmitterPluginServicer_to_server(EmitterServicer(handlers), server)
         try:
@@ -720,9 +746,15 @@ class PluginHost(AsyncService):
             scope.reschedule(asyncio.get_running_loop().time() + self.grace)
 
     async def _stop_server(self, server: grpc.aio.Server, grace: float) -> None:
-        """Stop ``server``, letting calls in flight have ``grace`` (:meth:`hurry` cuts it)."""
+        """Stop ``server``, letting calls in flight have ``grace`` (:meth:`hurry` cuts it).
+
+        Ingest streams stop taking requests first: each ends once it has answered what
+        it took, instead of holding the stop for the whole grace.
+        """
         self._stopping_server = server
         log.info("plugin %s: stopping its server (grace %gs)", self.info.name, grace)
+        if self._ingestor is not None:
+            self._ingestor.end_streams()
         try:
             await server.stop(grace)
         finally:

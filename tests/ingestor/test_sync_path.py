@@ -88,7 +88,7 @@ async def test_close_closes_the_sync_channels(plugin: FakePlugin) -> None:
     ingestor = ExternalIngestor("k8s", plugin.address)
     assert len(await on_thread(ingestor.ingest, CTX, b"a\nb")) == 2
     assert await on_thread(ingestor.channels) == 1
-    channel = ingestor._sync._connections[plugin.address].channel  # type: ignore[union-attr]
+    channel = ingestor._sync.connections(plugin.address)[0].channel  # type: ignore[union-attr]
     await on_thread(ingestor.close)
     assert await on_thread(ingestor.channels) == 0
     with pytest.raises(ValueError, match="closed channel"):
