@@ -405,18 +405,24 @@ class RegistryState:
         """Record one health check's result for plugins whose status it did not change.
 
         One call answers every plugin of an address (registry.poller): one time, one
-        pass, one new state per plugin shared by both sides; persisted lazily. Ids no
-        longer held are skipped.
+        pass, one new state per plugin shared by both sides. Ids no longer held are
+        skipped.
+
+        Stored only when the error text changed: a check time alone decides nothing
+        (leases run on heartbeats, and a restart checks every plugin within one
+        interval), so 10,000 passing checks per interval write no rows of their own;
+        the time rides along with the plugin's next lease or status write.
         """
         catalog, view, journal = self.catalog, self.view, self._journal
         shared = view is not catalog
         for plugin_id in plugin_ids:
+            before = catalog.get(plugin_id)
             plugin = catalog.check(plugin_id, checked_at, error)
-            if plugin is None:
+            if plugin is None or before is None:
                 continue
             if shared and not view.hold_touched(plugin):
                 view.touch(plugin_id, last_check_at=checked_at, last_error=error)
-            if journal is not None:
+            if journal is not None and before.last_error != error:
                 journal.touch(plugin_id)
 
     def _touched(self, plugin: Plugin, **fields: object) -> None:
