@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from registry import migrations
 from registry.errors import StoreError
-from registry.store import sqlite_path
+from registry.storage.store import sqlite_path
 
 # What every revision of ours has: a database at a known revision without them is
 # another application's that happens to use the same revision names.

@@ -40,7 +40,7 @@ from registry.replica.servicer import ReplicaServicer
 from registry.service import RegistryService
 from registry.settings import RegistrySettings, default_database_url, is_loopback
 from registry.state import RegistryState
-from registry.store import SqlStore
+from registry.storage.store import SqlStore
 from registry.transitions import TransitionLog
 from registry.trust.addresses import AddressPolicy, HostResolver, SystemResolver
 from registry.trust.auth import AuthInterceptor, CallerLimits

@@ -32,9 +32,9 @@ from datetime import UTC, datetime
 
 from registry.catalog import Catalog, FirstCheck, Released
 from registry.errors import RegistryUnavailable, StoreError
-from registry.journal import Journal
 from registry.model import Change, Plugin, Principal, Registration
-from registry.store import Fenced, Snapshot, Store
+from registry.storage.journal import Journal
+from registry.storage.store import Fenced, Snapshot, Store
 
 log = logging.getLogger(__name__)
 

@@ -185,7 +185,7 @@ def database_url(args: argparse.Namespace) -> str:
     Raises:
         CliError: the URL is not one the registry can use (the URL is not repeated).
     """
-    from registry.store import normalize_url  # SQLAlchemy loads only for serve and migrate
+    from registry.storage.store import normalize_url  # SQLAlchemy loads only for serve and migrate
 
     url: str = args.db or default_database_url()
     try:
@@ -233,7 +233,7 @@ async def serve(args: argparse.Namespace) -> None:
 async def migrate(args: argparse.Namespace) -> None:
     from registry.migrate import upgrade
     from registry.replica.lock import DatabaseLock, lock_for
-    from registry.store import SqlStore
+    from registry.storage.store import SqlStore
 
     url = database_url(args)
     # Only the embedded default's folder is ours to create (SPEC §7).

@@ -8,8 +8,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from registry.store import normalize_url
-from registry.tables import Base
+from registry.storage.store import normalize_url
+from registry.storage.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

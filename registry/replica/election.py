@@ -5,7 +5,7 @@ process), where it is reached (``address``), under which ``epoch``, until when
 (``expires_at``, compared with the database's ``clock_timestamp()`` so no replica's
 clock decides). A replica takes the row when it expired, raising the epoch by one;
 the leader renews it every third of the lease. Every write transaction of the
-leader is fenced by the epoch (``registry.store``), so a deposed leader, or one
+leader is fenced by the epoch (``registry.storage.store``), so a deposed leader, or one
 resumed after SIGSTOP, commits nothing.
 
 The leader also keeps its own deadline on the monotonic clock, started *before*
@@ -34,7 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from registry.lifecycle import cancel_and_wait
-from registry.store import CHANGES_CHANNEL
+from registry.storage.store import CHANGES_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def new_holder_id() -> str:
 
 
 class LeaderLease:
-    """The lease this replica holds: the :class:`~registry.store.Fence` of its writes."""
+    """The lease this replica holds: the :class:`~registry.storage.store.Fence` of its writes."""
 
     def __init__(self, epoch: int, holder: str, valid_until: float) -> None:
         self.epoch = epoch

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 from registry.errors import StoreError
-from registry.store import sqlite_path
+from registry.storage.store import sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class DatabaseLock:
 def lock_for(url: str) -> DatabaseLock | None:
     """Take the lock of an SQLite URL's file; None for PostgreSQL or in-memory SQLite.
 
-    ``url`` is one :meth:`registry.store.SqlStore.open` accepted.
+    ``url`` is one :meth:`registry.storage.store.SqlStore.open` accepted.
 
     Raises:
         DatabaseInUse: another process holds it.

@@ -34,7 +34,7 @@ from registry.replica.election import LEADER_NOTICE, Election, LeaderLease, new_
 from registry.replica.forward import LeaderLink
 from registry.replica.pump import ChangePump, asyncpg_dsn
 from registry.state import RegistryState
-from registry.store import SqlStore
+from registry.storage.store import SqlStore
 from registry.wire import pb
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 
 from registry.lifecycle import cancel_and_wait
 from registry.model import Change
-from registry.store import CHANGES_CHANNEL, change_from_json
+from registry.storage.store import CHANGES_CHANNEL, change_from_json
 
 if TYPE_CHECKING:
     # Imported where used: asyncpg is the ``postgres`` extra, absent on SQLite installs.

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 from registry.client import RegistryClient
 from registry.migrate import alembic_config
 from registry.replica.lock import DatabaseLock
-from registry.store import SqlStore
+from registry.storage.store import SqlStore
 from registry.wire import pb
 
 DEADLINE = 60.0  # bound on a process's start or exit, never a wait

@@ -24,7 +24,7 @@ from helpers import RegistryProcess, environment
 from registry.client import RegistryClient
 from registry.migrate import upgrade
 from registry.server import QUARANTINED
-from registry.store import SqlStore
+from registry.storage.store import SqlStore
 from registry.testing import FakePlugin, eventually
 from registry.wire import pb
 

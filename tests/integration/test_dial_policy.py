@@ -25,7 +25,7 @@ from registry.migrate import upgrade
 from registry.model import Plugin, PluginStatus, PluginType, Registration
 from registry.poller import MAX_PLUGIN_MESSAGE, CheckSettings, HealthChecker
 from registry.state import RegistryState
-from registry.store import SqlStore
+from registry.storage.store import SqlStore
 from registry.testing import FakePlugin, eventually, running_registry
 from registry.trust.addresses import AddressPolicy, AddressRefused, parse_address, vet
 from registry.trust.dial import PluginCredentials

@@ -14,7 +14,7 @@ import pytest
 from registry.catalog import Catalog
 from registry.migrate import upgrade
 from registry.model import Change, Plugin, PluginStatus, PluginType, Registration
-from registry.store import Batch, Lease, SqlStore
+from registry.storage.store import Batch, Lease, SqlStore
 from registry.ulid import new_ulid
 
 T0 = datetime(2026, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)

@@ -17,8 +17,8 @@ from registry.catalog import Claim, Owner
 from registry.migrate import alembic_config, upgrade
 from registry.model import Change, Plugin, PluginStatus, PluginType, Registration
 from registry.replica.election import Election, new_holder_id
-from registry.store import Batch, SqlStore, _json_row
-from registry.tables import LeaderRow
+from registry.storage.store import Batch, SqlStore, _json_row
+from registry.storage.tables import LeaderRow
 
 MOMENT = datetime(2026, 11, 30, 12, 0, 1, 250000, tzinfo=UTC)
 # The change log as 0004 has it: no epoch.

@@ -17,8 +17,8 @@ from sqlalchemy.engine import Connection
 from registry.errors import StoreError
 from registry.migrate import alembic_config, upgrade
 from registry.model import Change, Plugin, PluginStatus, PluginType, Registration
-from registry.store import Batch, Lease, SqlStore, _json_row
-from registry.tables import Base, UtcDateTime
+from registry.storage.store import Batch, Lease, SqlStore, _json_row
+from registry.storage.tables import Base, UtcDateTime
 
 
 @pytest.fixture

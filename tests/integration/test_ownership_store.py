@@ -20,7 +20,7 @@ from registry.errors import PermissionDenied, RegistryUnavailable, StoreError
 from registry.migrate import upgrade
 from registry.model import PluginType, Principal, Registration
 from registry.state import RegistryState
-from registry.store import Snapshot, SqlStore
+from registry.storage.store import Snapshot, SqlStore
 from registry.testing import eventually
 
 T0 = datetime(2026, 6, 7, 8, 9, 10, 123456, tzinfo=UTC)

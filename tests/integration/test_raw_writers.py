@@ -1,4 +1,4 @@
-"""The store's raw write path (``registry.batch_sql``, ``registry.sqlite_writer``).
+"""The store's raw write path (``registry.storage.batch_sql``, ``registry.storage.sqlite_writer``).
 
 A batch goes to the database without SQLAlchemy: one transaction, one statement per
 table, what SQLAlchemy's tables read back; PostgreSQL's fence and NOTIFY inside it.
@@ -18,12 +18,12 @@ from sqlalchemy import select, text
 from sqlalchemy.dialects import sqlite
 
 from registry import StoreError
-from registry.batch_sql import sqlite_time
 from registry.catalog import Claim, Owner, OwnershipChange
 from registry.migrate import upgrade
 from registry.model import Change, Plugin, PluginStatus, PluginType, Registration
-from registry.store import CHANGES_CHANNEL, Batch, Fenced, Lease, SqlStore
-from registry.tables import PluginRow
+from registry.storage.batch_sql import sqlite_time
+from registry.storage.store import CHANGES_CHANNEL, Batch, Fenced, Lease, SqlStore
+from registry.storage.tables import PluginRow
 from registry.testing import eventually
 
 T0 = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)  # no microseconds: still 6 decimals

@@ -22,7 +22,7 @@ from registry.migrate import upgrade
 from registry.model import Change, Plugin, PluginStatus, PluginType, Registration
 from registry.replica.election import LEADER_NOTICE, Election, LeaderLease, new_holder_id
 from registry.replica.pump import asyncpg_dsn
-from registry.store import CHANGES_CHANNEL, Batch, Fenced, SqlStore
+from registry.storage.store import CHANGES_CHANNEL, Batch, Fenced, SqlStore
 from registry.testing import eventually
 from registry.ulid import new_ulid
 

@@ -22,7 +22,7 @@ from registry.model import Change, Plugin, PluginStatus, PluginType, Registratio
 from registry.replica.election import Election, LeaderLease, new_holder_id
 from registry.replica.pump import APPLICATION_NAME, ChangePump, asyncpg_dsn
 from registry.state import RegistryState
-from registry.store import Batch, SqlStore
+from registry.storage.store import Batch, SqlStore
 from registry.testing import eventually
 from registry.ulid import new_ulid
 

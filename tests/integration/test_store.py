@@ -15,7 +15,7 @@ from registry import RegistryClient, RegistryServer, RegistrySettings, StoreErro
 from registry.catalog import Claim, Owner, OwnershipChange
 from registry.migrate import upgrade
 from registry.model import Change, Plugin, PluginStatus, PluginType, Registration
-from registry.store import Batch, Lease, SqlStore, normalize_url
+from registry.storage.store import Batch, Lease, SqlStore, normalize_url
 from registry.ulid import new_ulid
 from registry.wire import pb
 

@@ -25,7 +25,7 @@ from registry.client import RegistryClient
 from registry.migrate import upgrade
 from registry.model import Plugin, PluginStatus, PluginType, Registration
 from registry.server import RegistryServer
-from registry.store import Batch, Lease, SqlStore
+from registry.storage.store import Batch, Lease, SqlStore
 from registry.testing import FakePlugin, eventually, running_registry
 from registry.wire import pb
 

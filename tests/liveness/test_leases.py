@@ -17,8 +17,8 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import update
 
 from registry import PluginStatus, RegistryClient
-from registry.store import SqlStore
-from registry.tables import LeaseRow, PluginRow
+from registry.storage.store import SqlStore
+from registry.storage.tables import LeaseRow, PluginRow
 from registry.testing import FakePlugin, running_registry
 from registry.wire import pb
 

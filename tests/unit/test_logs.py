@@ -21,7 +21,7 @@ from registry.migrate import upgrade
 from registry.model import Change, PluginStatus, PluginType, Registration
 from registry.reaper import LeaseReaper
 from registry.state import RegistryState
-from registry.store import SqlStore
+from registry.storage.store import SqlStore
 from registry.transitions import TransitionLog
 
 T0 = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)

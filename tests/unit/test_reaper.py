@@ -21,7 +21,7 @@ from registry.migrate import upgrade
 from registry.model import PluginStatus, PluginType, Registration
 from registry.reaper import Deadlines, LeaseReaper
 from registry.state import RegistryState
-from registry.store import SqlStore
+from registry.storage.store import SqlStore
 from registry.testing import eventually
 
 T0 = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)

@@ -22,12 +22,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from registry.batch_sql import sqlite_time, statements
 from registry.catalog import Catalog
 from registry.migrate import upgrade
 from registry.model import Change, Plugin, PluginStatus, PluginType, Registration
 from registry.state import RegistryState
-from registry.store import Batch, Lease, SqlStore
+from registry.storage.batch_sql import sqlite_time, statements
+from registry.storage.store import Batch, Lease, SqlStore
 
 T0 = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
 HEALTHY, UNHEALTHY = PluginStatus.HEALTHY, PluginStatus.UNHEALTHY

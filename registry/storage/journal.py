@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from registry.catalog import OwnershipChange
 from registry.errors import StoreError
 from registry.model import Change
-from registry.store import Batch, LeaseFields, Store
+from registry.storage.store import Batch, LeaseFields, Store
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class Journal:
         """Stage the lease and check fields of a plugin lazily: no commit is asked for.
 
         For heartbeats and health results that change no status: only those fields
-        are written (:class:`~registry.store.Lease`), never the plugin's row again;
+        are written (:class:`~registry.storage.store.Lease`), never the plugin's row again;
         their values are the latest when the batch is taken (``lease_of``).
         """
         self._touched[plugin_id] = None
@@ -153,7 +153,7 @@ class Journal:
         Synchronous: the lease fields read are the write side's at this very moment,
         so they agree with every change the batch holds (a plugin removed in it has
         no lease to read; one upserted in it takes its newest lease, see
-        :meth:`~registry.store.Batch.touch`).
+        :meth:`~registry.storage.store.Batch.touch`).
         """
         batch, self._batch = self._batch, self._new_batch(self._batch.revision)
         touched, self._touched = self._touched, {}

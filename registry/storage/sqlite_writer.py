@@ -1,9 +1,9 @@
 """The SQLite write path: one plain sqlite3 connection on one thread, a batch per hop.
 
-Part of the store (``registry.store``). aiosqlite costs three thread hops per
+Part of the store (``registry.storage.store``). aiosqlite costs three thread hops per
 statement and SQLAlchemy its own work per statement and per row; here the event loop
 hands the whole batch to the writer thread once, which runs it as one transaction of
-one ``executemany`` per table (:func:`registry.batch_sql.statements`) and answers
+one ``executemany`` per table (:func:`registry.storage.batch_sql.statements`) and answers
 once. The connection has the pragmas of the store's engine (:data:`PRAGMAS`): WAL,
 and ``synchronous=FULL``, so a batch is on disk when :meth:`SqliteWriter.write`
 returns. Readers (start-up, tests) use the engine's own connections beside it.
@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from registry.batch_sql import Tracer, statements
+from registry.storage.batch_sql import Tracer, statements
 
 if TYPE_CHECKING:
-    from registry.store import Batch
+    from registry.storage.store import Batch
 
 # WAL lets readers run beside the writer; synchronous=FULL fsyncs every commit, so
 # an acknowledged write survives a crash of the machine too. Every connection of the

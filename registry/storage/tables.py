@@ -107,7 +107,7 @@ class ChangeRow(Base):
     __tablename__ = "changes"
 
     revision: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    # Plugin states as JSON objects (see registry.store): new ones, and removed ones.
+    # Plugin states as JSON objects (see registry.storage.store): new ones, and removed ones.
     upserted: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     removed: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     # The leader epoch that committed it (SPEC §8); 0 on SQLite and before replicas.

@@ -1,7 +1,7 @@
 """Durable storage of the catalog in SQLite (embedded default) or PostgreSQL.
 
 All SQL of the project lives here and in the store's write path
-(``registry.batch_sql``, ``registry.sqlite_writer``), but for the replicas' own
+(``registry.storage.batch_sql``, ``registry.storage.sqlite_writer``), but for the replicas' own
 (``registry.replica``). The store keeps no state of its own beyond the engine, its
 writer and the outcome of its last write: it loads everything at start (SQLAlchemy)
 and then writes batches of changes, one transaction per batch, on the raw driver: a
@@ -34,14 +34,21 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from registry.batch_sql import CHANGES_CHANNEL as CHANGES_CHANNEL
-from registry.batch_sql import Tracer, change_entry, statements, write_postgres
 from registry.catalog import Claim, ClaimKey, ClaimKind, Owner, OwnershipChange
 from registry.errors import StoreError
 from registry.interning import Known, PluginInterner
 from registry.model import Change, Plugin, PluginStatus, PluginType, Registration
-from registry.sqlite_writer import PRAGMAS, SqliteWriter
-from registry.tables import ChangeRow, ClaimRow, LeaseRow, OwnerRow, PluginRow, RegistryMetaRow
+from registry.storage.batch_sql import CHANGES_CHANNEL as CHANGES_CHANNEL
+from registry.storage.batch_sql import Tracer, change_entry, statements, write_postgres
+from registry.storage.sqlite_writer import PRAGMAS, SqliteWriter
+from registry.storage.tables import (
+    ChangeRow,
+    ClaimRow,
+    LeaseRow,
+    OwnerRow,
+    PluginRow,
+    RegistryMetaRow,
+)
 
 # asyncpg is the ``postgres`` extra: an SQLite-only install has no driver for this.
 NO_POSTGRES_DRIVER = (
@@ -231,7 +238,7 @@ class Store(Protocol):
 
 class SqlStore:
     """The :class:`Store` on SQLAlchemy async (aiosqlite in WAL, or asyncpg) for
-    reads, and on the raw driver for batches (``registry.batch_sql``).
+    reads, and on the raw driver for batches (``registry.storage.batch_sql``).
 
     It remembers whether its last write failed (:attr:`write_error`), for the
     registry's own health: NOT_SERVING while writes fail, SERVING once one succeeds.

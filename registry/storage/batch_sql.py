@@ -1,12 +1,12 @@
-"""A :class:`~registry.store.Batch` as SQL on the raw driver: rows, statements, order.
+"""A :class:`~registry.storage.store.Batch` as SQL on the raw driver: rows, statements, order.
 
-Part of the store (``registry.store``): the write path of a group commit, without
+Part of the store (``registry.storage.store``): the write path of a group commit, without
 SQLAlchemy. Per statement, SQLAlchemy Core and the async adapters cost far more than
 the database does (bench/RESULTS.md); here a batch is turned into plain tuples once,
 and each table gets one ``executemany`` of one hand-written statement, on sqlite3
-(:mod:`registry.sqlite_writer`, one hop to its thread) or on asyncpg
+(:mod:`registry.storage.sqlite_writer`, one hop to its thread) or on asyncpg
 (:func:`write_postgres`). What is stored is exactly what the SQLAlchemy tables
-(``registry.tables``) read back: SQLite times as naive UTC text, PostgreSQL times
+(``registry.storage.tables``) read back: SQLite times as naive UTC text, PostgreSQL times
 as ``timestamptz``, JSON columns as JSON text.
 
 The statements and their order are one list (:func:`statements`) for both databases;
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from registry.model import Plugin
 
 if TYPE_CHECKING:
-    from registry.store import Batch
+    from registry.storage.store import Batch
 
 Dialect = Literal["sqlite", "postgresql"]
 # Told of every statement a raw writer sends, with its rows, BEGIN and COMMIT
