@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -138,3 +140,33 @@ async def client(registry: RegistryServer) -> AsyncIterator[RegistryClient]:
         yield registry_client
     finally:
         await registry_client.close()
+
+
+# -- the Node.js example ---------------------------------------------------------------------
+
+NODE_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "node"
+
+
+@pytest.fixture(scope="session")
+def node_example() -> Path:
+    """examples/node with its node_modules, installed here when missing; else a skip."""
+    if shutil.which("node") is None:
+        pytest.skip("the Node.js example needs `node` on PATH")
+    if not (NODE_EXAMPLE / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        npm = shutil.which("npm")
+        if npm is None:
+            pytest.skip("examples/node/node_modules is missing and `npm` is not on PATH")
+        try:
+            result = subprocess.run(
+                [npm, "install", "--no-audit", "--no-fund"],
+                cwd=NODE_EXAMPLE,
+                capture_output=True,
+                text=True,
+                timeout=100,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.skip("examples/node/node_modules is missing and `npm install` timed out")
+        if result.returncode != 0:
+            tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+            pytest.skip("`npm install` failed in examples/node: " + " | ".join(tail))
+    return NODE_EXAMPLE

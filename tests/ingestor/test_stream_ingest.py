@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -36,7 +35,6 @@ from registry.wire import event_pb, pb, pb_grpc
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
-NODE_EXAMPLE = ROOT / "examples" / "node"
 DEADLINE = 30.0
 IN_FLIGHT = 64
 OPENED = "opened an ingest stream"
@@ -541,17 +539,8 @@ async def test_a_graceful_stop_ends_the_streams_instead_of_waiting_out_the_grace
 # -- the Node example -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def node() -> Path:
-    if shutil.which("node") is None:
-        pytest.skip("the Node.js example needs `node` on PATH")
-    if not (NODE_EXAMPLE / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        pytest.skip("examples/node/node_modules is missing (run `npm install` there)")
-    return NODE_EXAMPLE
-
-
 async def test_the_node_example_serves_the_stream_and_advertises_the_capability(
-    node: Path, registry: RegistryServer, caplog: pytest.LogCaptureFixture
+    node_example: Path, registry: RegistryServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="ingestor.stream")
     argv = ["node", "plugin.js", "--registry", registry.address]
@@ -561,7 +550,7 @@ async def test_the_node_example_serves_the_stream_and_advertises_the_capability(
         "node-seq",
         "--source",
         "node-seq",
-        cwd=node,
+        cwd=node_example,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,

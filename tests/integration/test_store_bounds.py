@@ -200,25 +200,35 @@ async def test_a_registration_writes_the_whole_row_and_a_heartbeat_only_its_leas
 
 
 async def test_a_health_result_writes_only_the_lease(tmp_path: Path) -> None:
+    """A passing check that changes nothing writes nothing; a failing one below the
+    threshold (its error is new) writes the lease row alone, never the plugin's row."""
     async with (
         FakePlugin(sources=["checked"]) as plugin,
-        running_registry(tmp_path, flush_interval=0.05, health_interval=0.05) as server,
+        running_registry(
+            tmp_path, flush_interval=0.05, health_interval=0.05, unhealthy_threshold=1000
+        ) as server,
         RegistryClient(server.address) as client,
     ):
         engine = engine_of(server)
         plugin_id = (
             await client.register(info("checked"), plugin.address, labels=LABELS, no_lease=True)
         ).plugin_id
-        # The first success is a status change (UNKNOWN -> HEALTHY): a new revision.
         await eventually(
             lambda: _status(server, plugin_id) is PluginStatus.HEALTHY,
             within=DEADLINE,
             what="HEALTHY",
         )
-        with recording(store_of(server)) as checks:
+        with recording(store_of(server)) as passing:
             calls = plugin.health_calls
             await eventually(
                 lambda: plugin.health_calls >= calls + 3, within=DEADLINE, what="3 more checks"
+            )
+            await server.state.flush()
+        assert not [s for s in passing.writes if s.binds(plugin_id)], passing.statements
+        with recording(store_of(server)) as failing:
+            plugin.healthy = False
+            await eventually(
+                lambda: _error(server, plugin_id) != "", within=DEADLINE, what="a failed check"
             )
             checked = server.state.catalog.get(plugin_id)
             assert checked is not None
@@ -227,10 +237,18 @@ async def test_a_health_result_writes_only_the_lease(tmp_path: Path) -> None:
             await eventually(
                 lambda: _stored_check(engine, plugin_id, checked_at),
                 within=DEADLINE,
-                what="a later check stored",
+                what="the failed check stored",
             )
-        assert _status(server, plugin_id) is PluginStatus.HEALTHY
-        assert_lease_only(checks, plugin_id)
+        assert _status(server, plugin_id) is PluginStatus.HEALTHY  # below the threshold
+        assert_lease_only(failing, plugin_id)
+        lease = await stored_lease(engine, plugin_id)
+        assert lease is not None
+        assert lease[2]
+
+
+def _error(server: RegistryServer, plugin_id: str) -> str:
+    plugin = server.state.catalog.get(plugin_id)
+    return plugin.last_error if plugin is not None else ""
 
 
 async def test_a_store_touch_is_one_narrow_statement(database_url: str) -> None:

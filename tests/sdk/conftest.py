@@ -12,10 +12,8 @@ import asyncio
 import importlib.util
 import os
 import re
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -30,7 +28,6 @@ from registry.wire import pb
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
-NODE_EXAMPLE = EXAMPLES / "node"
 # Bounds on failures, generous because the suite runs on two busy cores.
 DEADLINE = 30.0
 
@@ -209,28 +206,3 @@ def load_example(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="session")
-def node_example() -> Path:
-    """examples/node with its node_modules, installed here when missing; else a skip."""
-    if shutil.which("node") is None:
-        pytest.skip("the Node.js example needs `node` on PATH")
-    if not (NODE_EXAMPLE / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        npm = shutil.which("npm")
-        if npm is None:
-            pytest.skip("examples/node/node_modules is missing and `npm` is not on PATH")
-        try:
-            result = subprocess.run(
-                [npm, "install", "--no-audit", "--no-fund"],
-                cwd=NODE_EXAMPLE,
-                capture_output=True,
-                text=True,
-                timeout=100,
-            )
-        except subprocess.TimeoutExpired:
-            pytest.skip("examples/node/node_modules is missing and `npm install` timed out")
-        if result.returncode != 0:
-            tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
-            pytest.skip("`npm install` failed in examples/node: " + " | ".join(tail))
-    return NODE_EXAMPLE
