@@ -38,39 +38,12 @@ from ingestor.connection import (
 from ingestor.errors import PluginConnectionError, PluginError
 from registry.errors import InvalidArgument
 from registry.trust.addresses import DialTarget
-from registry.trust.dial import PluginCredentials, PluginDialer
+from registry.trust.dial import PluginDialer, sync_plugin_channel
 
 log = logging.getLogger(__name__)
 
 _READY = grpc.ChannelConnectivity.READY
 _ENDED = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
-# Set by sync_plugin_channel itself, as registry.trust.dial.plugin_channel sets them.
-_AUTHORITY = "grpc.default_authority"
-_NAME_OVERRIDE = "grpc.ssl_target_name_override"
-
-
-def sync_plugin_channel(
-    target: DialTarget,
-    credentials: PluginCredentials | None,
-    options: Iterable[tuple[str, int | str]] = (),
-) -> grpc.Channel:
-    """A synchronous channel to a vetted target, as ``plugin_channel`` makes an aio one.
-
-    Plaintext for ``tcp`` and ``unix`` targets; TLS for ``https://`` plugins, checking
-    the certificate against ``target.host`` with ``credentials`` (the system roots when
-    None). The address's ``host:port`` goes as ``:authority``. No connection is made.
-    """
-    settings = [(key, value) for key, value in options if key not in (_AUTHORITY, _NAME_OVERRIDE)]
-    settings.append((_AUTHORITY, target.authority))
-    if not target.tls:
-        return grpc.insecure_channel(target.target, options=settings)
-    settings.append((_NAME_OVERRIDE, target.host))
-    secure = (
-        credentials.channel_credentials()
-        if credentials is not None
-        else grpc.ssl_channel_credentials()
-    )
-    return grpc.secure_channel(target.target, secure, options=settings)
 
 
 class SyncConnection:
