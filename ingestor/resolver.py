@@ -23,7 +23,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry
 
@@ -315,15 +315,8 @@ class RegistryResolver(Closing):
             PluginError: the resolver is closed.
         """
         view = self._current_view()
-        endpoints = view.endpoints(source)
-        if endpoints:
-            return endpoints
-        if view.declares(source):
-            why = f"{len(view.members[source])} instance(s) registered, none HEALTHY"
-        else:
-            why = "no registered plugin declares it"
-        raise PluginConnectionError(
-            f"no routable plugin for source {source!r}: {why} (registry revision {view.revision})"
+        return _routed(
+            view, "source", source, view.routes, view.members, "no registered plugin declares it"
         )
 
     async def resolve_async(self, source: str) -> tuple[Endpoint, ...]:
@@ -349,17 +342,8 @@ class RegistryResolver(Closing):
             PluginError: the resolver is closed.
         """
         view = self._current_view()
-        endpoints = view.emitter_endpoints(emitter_name)
-        if endpoints:
-            return endpoints
-        if view.declares_emitter(emitter_name):
-            why = f"{len(view.emitters[emitter_name])} instance(s) registered, none HEALTHY"
-        else:
-            why = "no registered emitter has that name"
-        raise PluginConnectionError(
-            f"no routable plugin for emitter {emitter_name!r}: {why} "
-            f"(registry revision {view.revision})"
-        )
+        nobody = "no registered emitter has that name"
+        return _routed(view, "emitter", emitter_name, view.emitter_routes, view.emitters, nobody)
 
     def current_view(self) -> ResolverView:
         """The view resolution would use now.
@@ -595,3 +579,22 @@ class RegistryResolver(Closing):
             except Exception:
                 log.exception("registry view hook %r failed", hook)
         self._signal.notify()
+
+
+def _routed(
+    view: ResolverView,
+    kind: str,
+    key: str,
+    routes: Mapping[str, tuple[Endpoint, ...]],
+    members: Mapping[str, frozenset[str]],
+    nobody: str,
+) -> tuple[Endpoint, ...]:
+    """The HEALTHY endpoints of ``key`` (a source or an emitter name), or why none."""
+    endpoints = routes.get(key, ())
+    if endpoints:
+        return endpoints
+    held = members.get(key)
+    why = f"{len(held)} instance(s) registered, none HEALTHY" if held else nobody
+    raise PluginConnectionError(
+        f"no routable plugin for {kind} {key!r}: {why} (registry revision {view.revision})"
+    )
