@@ -28,6 +28,7 @@ from registry.model import Change, Plugin, PluginStatus, PluginType, Registratio
 from registry.state import RegistryState
 from registry.storage.batch_sql import sqlite_time, statements
 from registry.storage.store import Batch, Lease, SqlStore
+from registry.testing import eventually
 
 T0 = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
 HEALTHY, UNHEALTHY = PluginStatus.HEALTHY, PluginStatus.UNHEALTHY
@@ -251,7 +252,9 @@ async def test_a_change_and_a_touch_in_one_batch_store_the_newest_lease(
     in_flight = asyncio.create_task(state.flush())
     await store.writing.wait()  # a write holds the gate: what follows is the next batch
     update = asyncio.create_task(set_status(state, plugin_id, UNHEALTHY))
-    await asyncio.sleep(0)  # the new state is staged (upserted) and awaits its commit
+    await eventually(  # the new state is staged (upserted) and awaits its commit
+        lambda: _status_of(state, plugin_id) is UNHEALTHY, within=10, what="the status staged"
+    )
     at = state.clock()
     state.touch_many([plugin_id], at, "touched")
     store.gate.set()
@@ -387,3 +390,8 @@ def _id(plugin: Plugin) -> str:
 def test_touches_among_revisions_observe_as_the_former_touch(ops: list[Op]) -> None:
     with tempfile.TemporaryDirectory() as folder:
         asyncio.run(_run(ops, Path(folder)))
+
+
+def _status_of(state: RegistryState, plugin_id: str) -> PluginStatus | None:
+    held = state.catalog.get(plugin_id)
+    return held.status if held is not None else None
