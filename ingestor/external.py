@@ -33,9 +33,11 @@ from ingestor.resolver import RegistryResolver
 from ingestor.result import IngestResult
 from ingestor.stream import (
     DEFAULT_STREAM_IN_FLIGHT,
+    DEFAULT_STREAMS_PER_CHANNEL,
     STREAM_CAPABILITY,
     Resend,
     check_stream_in_flight,
+    check_streams_per_channel,
     ingest_stream,
 )
 from ingestor.view import Endpoint, ResolverView
@@ -107,9 +109,11 @@ class ExternalIngestor(PluginClient):
     a time: more spread a busy gateway's load on one instance (bench/stream_bench.py).
 
     Streaming (SPEC §10): ``ingest_async`` sends over the plugin's ``IngestorStream``
-    when it offers the capability ``ingest.stream.v1``, many callers on one stream per
-    channel (:mod:`ingestor.stream`), at most ``stream_in_flight`` requests on it at once
-    (more wait for a slot, within their ``ingest_timeout``); otherwise unary ``Ingest``.
+    when it offers the capability ``ingest.stream.v1``, many callers on up to
+    ``streams_per_channel`` streams per channel (default 16, at most 64: a stream is
+    opened only when the open ones are all busy; :mod:`ingestor.stream`), at most
+    ``stream_in_flight`` requests on each at once (more wait for a slot, within their
+    ``ingest_timeout``); otherwise unary ``Ingest``.
     A resolved endpoint's capability is read from the registry's view of it; a static
     ``address`` is asked its ``Info`` once per channel. Everything else is as for unary
     calls: the same timeout per request, limits, errors, breaker and retry (a broken
@@ -123,7 +127,8 @@ class ExternalIngestor(PluginClient):
         ValueError: neither or both of ``address`` and ``resolver``, a bad timeout, a
             limit out of range, an ``address`` that does not parse, unusable ``tls``
             files, ``channel_options`` setting the receive limit,
-            ``channels_per_endpoint`` or ``stream_in_flight`` out of range, or
+            ``channels_per_endpoint``, ``stream_in_flight`` or
+            ``streams_per_channel`` out of range, or
             ``metrics`` holding other families of the gateway's names.
     """
 
@@ -146,6 +151,7 @@ class ExternalIngestor(PluginClient):
         channels_per_endpoint: int = DEFAULT_CHANNELS_PER_ENDPOINT,
         streaming: bool = True,
         stream_in_flight: int = DEFAULT_STREAM_IN_FLIGHT,
+        streams_per_channel: int = DEFAULT_STREAMS_PER_CHANNEL,
     ) -> None:
         if (address is None) == (resolver is None):
             raise ValueError("give exactly one of address and resolver")
@@ -153,6 +159,7 @@ class ExternalIngestor(PluginClient):
             raise ValueError("connect_timeout and ingest_timeout must be positive")
         self.streaming = streaming
         self.stream_in_flight = check_stream_in_flight(stream_in_flight)
+        self.streams_per_channel = check_streams_per_channel(streams_per_channel)
         self.limits = AnswerLimits(max_response_bytes=max_response_bytes, max_events=max_events)
         options = list(channel_options)
         if any(key == _RECEIVE_LIMIT for key, _ in options):
@@ -269,7 +276,9 @@ class ExternalIngestor(PluginClient):
         rpc_timeout: float,
     ) -> bytes:
         if method == "Ingest" and self.streaming:
-            stream = ingest_stream(connection, max_in_flight=self.stream_in_flight)
+            stream = ingest_stream(
+                connection, max_in_flight=self.stream_in_flight, streams=self.streams_per_channel
+            )
             if await stream.offered(self._offers_stream(endpoint), self.connect_timeout):
                 try:
                     return await stream.call(request, rpc_timeout)

@@ -1,6 +1,6 @@
-"""Streaming ingest (SPEC §10): many ``ingest_async`` callers on one stream per channel.
+"""Streaming ingest (SPEC §10): many ``ingest_async`` callers on a few streams per channel.
 
-    stream = ingest_stream(connection, max_in_flight=64)   # the channel's, made on first use
+    stream = ingest_stream(connection, max_in_flight=64, streams=16)  # made on first use
     if await stream.offered(known, timeout):               # the plugin serves IngestorStream
         raw = await stream.call(request, timeout)          # bytes, for the caller to decode
 
@@ -13,10 +13,19 @@ it does not serve; or any other status but a transport one, as gRPC reports writ
 race an UNIMPLEMENTED as INTERNAL) makes that channel unary for good, and what was sent
 on it is resent unary (nothing on it was answered).
 
-One stream per channel, its answers matched to requests in order: a FIFO of pending
-answers, appended to by one writer task in the order it writes, popped by one reader
-task in the order answers come. At most ``max_in_flight`` requests are on a stream
-(sent or queued to be) at once; more callers wait for a slot (backpressure).
+Up to ``streams`` streams per channel, each a call of its own on the channel's one
+connection. Each stream's answers are matched to its requests in order: a FIFO of
+pending answers, appended to by the stream's writer task in the order it writes,
+popped by its reader task in the order answers come. A request goes to the open stream
+with the fewest requests on it; a new stream is opened only when every open one has
+some and the plugin has answered on one (a plugin that refuses the stream is tried
+once), so a quiet channel has one stream and a busy one spreads over all of them. Why
+several: gRPC Python writes one message of a call at a time, and each write and read
+is a round trip through its completion queue; spread over several calls, the writes
+overlap and each wake-up of either side's loop handles many messages
+(bench/stream_bench.py measures it). At most ``max_in_flight`` requests are on a
+stream (sent or queued to be) at once, ``streams * max_in_flight`` on the channel;
+more callers wait for a slot (backpressure).
 
 What the caller of :meth:`IngestStream.call` sees, so that
 :class:`~ingestor.plugin_client.PluginClient` treats it as it treats a unary call:
@@ -60,6 +69,8 @@ log = logging.getLogger(__name__)
 STREAM_CAPABILITY = "ingest.stream.v1"
 DEFAULT_STREAM_IN_FLIGHT = 64
 MAX_STREAM_IN_FLIGHT = 4096
+DEFAULT_STREAMS_PER_CHANNEL = 16
+MAX_STREAMS_PER_CHANNEL = 64
 
 _STREAM_METHOD = "/polku.v1.IngestorStream/IngestStream"
 _INFO_METHOD = "/polku.v1.IngestorPlugin/Info"
@@ -86,11 +97,31 @@ def check_stream_in_flight(value: int) -> int:
     return value
 
 
-def ingest_stream(connection: PluginConnection, *, max_in_flight: int) -> IngestStream:
-    """The ingest stream of ``connection``'s channel; made (not opened) on first use."""
+def check_streams_per_channel(value: int) -> int:
+    """``value`` when it is a valid ``streams_per_channel`` (an int from 1 to 64).
+
+    Raises:
+        ValueError: it is not, naming ``streams_per_channel``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"streams_per_channel must be an integer, not {value!r}")
+    if not 1 <= value <= MAX_STREAMS_PER_CHANNEL:
+        raise ValueError(
+            "streams_per_channel must be an integer from 1 to "
+            f"{MAX_STREAMS_PER_CHANNEL}, not {value}"
+        )
+    return value
+
+
+def ingest_stream(
+    connection: PluginConnection, *, max_in_flight: int, streams: int = 1
+) -> IngestStream:
+    """The ingest streams of ``connection``'s channel; made (not opened) on first use."""
     stream = connection.stream
     if stream is None:
-        stream = connection.stream = IngestStream(connection, max_in_flight=max_in_flight)
+        stream = connection.stream = IngestStream(
+            connection, max_in_flight=max_in_flight, streams=streams
+        )
     assert isinstance(stream, IngestStream)
     return stream
 
@@ -110,14 +141,19 @@ class _Pending:
 
 
 class IngestStream:
-    """The ingest stream of one channel: its callers multiplexed, answered in order.
+    """The ingest streams of one channel: its callers multiplexed, each answered in order.
 
-    Opened by the first :meth:`call`, reopened by the first call after it broke.
+    The first :meth:`call` opens a stream, and so does a call that finds every open
+    stream busy while fewer than ``streams`` are open; a broken stream is dropped (the
+    next call opens another).
     """
 
-    def __init__(self, connection: PluginConnection, *, max_in_flight: int) -> None:
+    def __init__(
+        self, connection: PluginConnection, *, max_in_flight: int, streams: int = 1
+    ) -> None:
         self.address = connection.address
         self.max_in_flight = check_stream_in_flight(max_in_flight)
+        self.streams = check_streams_per_channel(streams)
         channel = connection.channel
         self._method = channel.stream_stream(
             _STREAM_METHOD,
@@ -127,8 +163,9 @@ class IngestStream:
         self._info = channel.unary_unary(
             _INFO_METHOD, request_serializer=Empty.SerializeToString, _registered_method=True
         )
-        self._slots = asyncio.Semaphore(self.max_in_flight)
-        self._open: _Open | None = None
+        self._slots = asyncio.Semaphore(self.max_in_flight * self.streams)
+        self._open: list[_Open] = []
+        self.served = False  # a stream of this channel has been answered on
         self._offered: bool | None = None  # learned from Info (a static address)
         self._asking: asyncio.Future[bool] | None = None
         self.unsupported = False  # the stream was refused: unary on this channel for good
@@ -189,7 +226,7 @@ class IngestStream:
             async with asyncio.timeout(timeout):
                 await self._slots.acquire()
                 try:
-                    stream = self._current()
+                    stream = self._pick()
                     entry = _Pending(request, asyncio.get_running_loop().create_future())
                 except BaseException:
                     self._slots.release()
@@ -202,18 +239,26 @@ class IngestStream:
                 f"no answer on the ingest stream within {timeout:g} s",
             ) from exc
 
-    def _current(self) -> _Open:
-        stream = self._open
-        if stream is None:
-            if self.unsupported:
-                raise Resend(f"plugin at {self.address} does not serve {_STREAM_METHOD}")
-            stream = self._open = _Open(self, self._method(), self._slots)
-            log.debug("opened an ingest stream to %s", self.address)
+    def _pick(self) -> _Open:
+        """The open stream with the fewest requests; a new one if all have some and may."""
+        if self.unsupported:
+            raise Resend(f"plugin at {self.address} does not serve {_STREAM_METHOD}")
+        opened = self._open
+        stream = min(opened, key=_Open.load) if opened else None
+        # A free slot means some stream has room: the fullest one is never picked.
+        if stream is None or (stream.owned and self.served and len(opened) < self.streams):
+            stream = _Open(self, self._method(), self._slots)
+            opened.append(stream)
+            log.debug("opened an ingest stream to %s (%d open)", self.address, len(opened))
         return stream
 
+    def open_streams(self) -> int:
+        """How many streams are open on the channel now."""
+        return len(self._open)
+
     def _ended(self, stream: _Open, why: BaseException, *, unsupported: bool) -> None:
-        if self._open is stream:
-            self._open = None
+        if stream in self._open:
+            self._open.remove(stream)
         if unsupported and not self.unsupported:
             self.unsupported = True
             log.info(
@@ -235,14 +280,23 @@ class _Open:
         self._slots = slots
         self._outbox: asyncio.Queue[_Pending] = asyncio.Queue()  # bounded by the slots
         self._pending: deque[_Pending] = deque()  # written, answers awaited, in order
+        self.owned = 0  # requests sent or queued on it, their slots held
         self._ended = False
         # Set by the first answer: the plugin serves the stream (see _ended_with).
         self._served = False
         self._writer = asyncio.ensure_future(self._write())
         self._reader = asyncio.ensure_future(self._read())
 
+    def load(self) -> int:
+        return self.owned
+
     def send(self, entry: _Pending) -> None:
+        self.owned += 1
         self._outbox.put_nowait(entry)
+
+    def _release(self) -> None:
+        self.owned -= 1
+        self._slots.release()
 
     async def _write(self) -> None:
         """Write queued requests in order, each appended to the FIFO before it goes out."""
@@ -250,7 +304,7 @@ class _Open:
             while True:
                 entry = await self._outbox.get()
                 if entry.answer.done():  # its caller gave up before it was sent
-                    self._slots.release()
+                    self._release()
                     continue
                 self._pending.append(entry)
                 await self._call.write(entry.request)
@@ -277,8 +331,8 @@ class _Open:
                     self.end(_broken("the plugin answered more requests than were sent"))
                     return
                 entry = self._pending.popleft()
-                self._served = True
-                self._slots.release()
+                self._served = self._owner.served = True
+                self._release()
                 if not entry.answer.done():
                     assert isinstance(raw, bytes)
                     entry.answer.set_result(raw)
@@ -335,7 +389,7 @@ class _Open:
                 error,
             )
         for index, entry in enumerate(entries):
-            self._slots.release()
+            self._release()
             if not entry.answer.done():
                 failure = first if index == 0 and first is not None else error
                 entry.answer.set_exception(_copy(failure))  # each caller raises its own

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -41,7 +42,9 @@ OPENED = "opened an ingest stream"
 
 
 def opened_streams(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(OPENED)]
+    """The address of each stream opened, in order ("opened an ingest stream to A (n open)")."""
+    messages = [r.getMessage() for r in caplog.records]
+    return [m.removeprefix(f"{OPENED} to ").split()[0] for m in messages if m.startswith(OPENED)]
 
 
 def echo(request: pb.IngestRequest) -> pb.IngestResponse:
@@ -50,11 +53,15 @@ def echo(request: pb.IngestRequest) -> pb.IngestResponse:
 
 
 @asynccontextmanager
-async def resolved(registry: RegistryServer, source: str, count: int) -> AsyncIterator[Any]:
+async def resolved(
+    registry: RegistryServer, source: str, count: int, **options: Any
+) -> AsyncIterator[Any]:
     """A resolver once ``count`` instances of ``source`` are routable, and its ingestor."""
     async with RegistryResolver(registry.address) as resolver:
         await resolver.wait_for_async(lambda v: len(v.endpoints(source)) == count, DEADLINE)
-        async with ExternalIngestor(source, resolver=resolver, ingest_timeout=DEADLINE) as ing:
+        async with ExternalIngestor(
+            source, resolver=resolver, ingest_timeout=DEADLINE, **options
+        ) as ing:
             yield ing
 
 
@@ -64,6 +71,9 @@ def test_the_capability_is_one_name_on_both_sides() -> None:
         check_stream_in_flight(0)
     with pytest.raises(ValueError, match="stream_in_flight"):
         ExternalIngestor("k8s", "127.0.0.1:1", stream_in_flight=5000)
+    for bad in (0, 65, 1.5, True):
+        with pytest.raises(ValueError, match="streams_per_channel"):
+            ExternalIngestor("k8s", "127.0.0.1:1", streams_per_channel=bad)  # type: ignore[arg-type]
 
 
 # -- order under 64 in flight --------------------------------------------------------------
@@ -104,9 +114,11 @@ async def test_order_is_kept_with_64_in_flight_on_one_stream(
         await host.wait_registered()
         payloads = [str(seq).encode() for seq in range(IN_FLIGHT)]
         context: Any = (
-            resolved(registry, "seq", 1)
+            resolved(registry, "seq", 1, streams_per_channel=1)
             if routing == "resolved"
-            else ExternalIngestor("seq", host.address, ingest_timeout=DEADLINE)
+            else ExternalIngestor(
+                "seq", host.address, ingest_timeout=DEADLINE, streams_per_channel=1
+            )
         )
         async with context as ingestor:
             answers = await asyncio.gather(
@@ -115,7 +127,36 @@ async def test_order_is_kept_with_64_in_flight_on_one_stream(
     assert [[e.payload for e in events] for events in answers] == [[p] for p in payloads]
     assert sorted(handler.arrived) == list(range(IN_FLIGHT))
     assert handler.finished == list(reversed(range(IN_FLIGHT)))  # out of order inside
-    assert opened_streams(caplog) == [f"{OPENED} to {host.address}"]
+    assert opened_streams(caplog) == [host.address]
+
+
+async def test_a_busy_channel_spreads_over_its_streams_each_answered_in_order(
+    registry: RegistryServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="ingestor.stream")
+    handler = ReverseOrder(IN_FLIGHT)
+
+    async def ingest(request: pb.IngestRequest) -> pb.IngestResponse:
+        return echo(request) if request.data == b"quiet" else await handler(request)
+
+    info = {"name": "spread", "sources": ["spread"]}
+    async with (
+        PluginHost(info, ingest=ingest, registry=registry.address) as host,
+        ExternalIngestor(
+            "spread", host.address, ingest_timeout=DEADLINE, streams_per_channel=4
+        ) as ingestor,
+    ):
+        await host.wait_registered()
+        quiet = [await ingestor.ingest_async(IngestContext("spread"), b"quiet") for _ in range(3)]
+        assert opened_streams(caplog) == [host.address]  # one at a time: one stream
+        payloads = [str(seq).encode() for seq in range(IN_FLIGHT)]
+        answers = await asyncio.gather(
+            *(ingestor.ingest_async(IngestContext("spread"), data) for data in payloads)
+        )
+    assert [[e.payload for e in q] for q in quiet] == [[b"quiet"]] * 3
+    assert [[e.payload for e in events] for events in answers] == [[p] for p in payloads]
+    assert handler.finished == list(reversed(range(IN_FLIGHT)))  # out of order inside
+    assert opened_streams(caplog) == [host.address] * 4  # busy: all four, no more
 
 
 # -- a plugin killed mid-stream ------------------------------------------------------------
@@ -203,7 +244,10 @@ async def test_a_plugin_killed_mid_stream_has_what_it_did_not_answer_retried_on_
         )
         held = doomed.saw("holding ")
         assert 0 < held < IN_FLIGHT
-        assert len(opened_streams(caplog)) == 2  # one stream to each instance
+        # The doomed instance never answers, so it has one stream; the other has some.
+        opened = Counter(opened_streams(caplog))
+        assert len(opened) == 2
+        assert 1 in opened.values()
 
         await doomed.kill()
         answers = await asyncio.wait_for(asyncio.gather(*calls), DEADLINE)
@@ -458,6 +502,27 @@ async def test_a_stream_holds_at_most_stream_in_flight_requests() -> None:
     assert servicer.most_unanswered == 2
 
 
+async def test_a_channel_holds_at_most_stream_in_flight_on_each_of_its_streams() -> None:
+    async with held_stream() as (servicer, connection):
+        stream = ingest_stream(connection, max_in_flight=2, streams=3)
+        first = asyncio.ensure_future(stream.call(request(b"first"), DEADLINE))
+        await eventually(lambda: servicer.received == [b"first"], within=DEADLINE)
+        servicer.releases.put_nowait(None)  # answered: the plugin serves the stream
+        await first
+        calls = [
+            asyncio.ensure_future(stream.call(request(str(n).encode()), DEADLINE))
+            for n in range(10)
+        ]
+        # Three streams of two: six sent, four waiting for a slot.
+        await eventually(lambda: len(servicer.received) == 7, within=DEADLINE)
+        assert stream.open_streams() == 3
+        for _ in calls:
+            servicer.releases.put_nowait(None)
+        answers = [pb.IngestResponse.FromString(raw) for raw in await asyncio.gather(*calls)]
+    assert [a.events[0].payload for a in answers] == [str(n).encode() for n in range(10)]
+    assert servicer.most_unanswered == 6
+
+
 async def test_a_stream_the_plugin_ends_fails_what_it_left_unanswered_then_reopens() -> None:
     async with held_stream() as (servicer, connection):
         stream = ingest_stream(connection, max_in_flight=4)
@@ -571,7 +636,7 @@ async def test_the_node_example_serves_the_stream_and_advertises_the_capability(
                 *(ingestor.ingest_async(IngestContext("node-seq"), data) for data in payloads)
             )
         assert [[e.payload for e in events] for events in answers] == [[p] for p in payloads]
-        assert len(opened_streams(caplog)) == 1
+        assert set(opened_streams(caplog)) == {registered.address}
     finally:
         if process.returncode is None:
             process.kill()
