@@ -25,6 +25,13 @@ resolved, against the stub; N events per request), ``streaming / unary`` (SPEC �
 ≥ 3 times), and the most events/s any gateway configuration got with 100-event requests,
 against 10,000 events/s.
 
+And the ceiling of the streaming row: bare ``grpc.aio`` against bench/raw_echo.py (its
+own process, raw bytes both ways, no work on either side), 64 in flight, unary calls
+against the same requests on as many streams as ExternalIngestor opens on a busy
+channel. No gateway and no plugin does less per request than that, so the real
+``streaming / unary`` ratio can reach this one only by doing less per unary call
+than per streamed message.
+
     python -m bench.stream_bench [--quick]
 """
 
@@ -41,8 +48,11 @@ import grpc
 from google.protobuf.empty_pb2 import Empty
 
 from bench.common import Load, Process, closed_loop, python, row
+from bench.raw_echo import STREAM_METHOD as RAW_STREAM_METHOD
+from bench.raw_echo import UNARY_METHOD as RAW_UNARY_METHOD
 from bench.stream_plugin import NAME, SOURCE, parse_counts
 from ingestor import ExternalIngestor, IngestContext, RegistryResolver
+from ingestor.stream import DEFAULT_STREAMS_PER_CHANNEL
 from registry.client import RegistryClient
 from registry.wire import pb, pb_grpc
 
@@ -77,6 +87,10 @@ class Config:
 def _registry(db: str) -> Process:
     args = [python(), "-m", "registry", "serve", "--listen", "127.0.0.1:0", "--db", db]
     return Process([*args, "--health-interval", "1h"])
+
+
+def _raw_echo() -> Process:
+    return Process([python(), "-m", "bench.raw_echo"])
 
 
 def _plugin(registry: str) -> Process:
@@ -216,6 +230,68 @@ def _call(ingestor: ExternalIngestor) -> Callable[[bytes], Awaitable[int]]:
     return call
 
 
+async def _raw_unary(channel: grpc.aio.Channel, request: bytes, seconds: float) -> Load:
+    method = channel.unary_unary(RAW_UNARY_METHOD)
+
+    async def call(i: int) -> object:
+        return await method(request, timeout=30)
+
+    return await closed_loop(call, concurrency=IN_FLIGHT, seconds=seconds)
+
+
+async def _raw_streams(channel: grpc.aio.Channel, request: bytes, seconds: float) -> Load:
+    """``IN_FLIGHT`` requests kept in flight over the streams, each stream its own window."""
+    streams = DEFAULT_STREAMS_PER_CHANNEL
+    answered = 0
+    deadline = asyncio.get_running_loop().time() + seconds
+
+    async def one() -> None:
+        nonlocal answered
+        call = channel.stream_stream(RAW_STREAM_METHOD)()
+        window = asyncio.Semaphore(IN_FLIGHT // streams)
+
+        async def read() -> None:
+            nonlocal answered
+            while await call.read() is not grpc.aio.EOF:
+                answered += 1
+                window.release()
+
+        reader = asyncio.ensure_future(read())
+        while asyncio.get_running_loop().time() < deadline:
+            await window.acquire()
+            await call.write(request)
+        await call.done_writing()
+        await reader
+
+    began = asyncio.get_running_loop().time()
+    await asyncio.wait_for(asyncio.gather(*(one() for _ in range(streams))), seconds + 30)
+    return Load(answered, asyncio.get_running_loop().time() - began, [])
+
+
+async def _ceiling(address: str, rounds: int, seconds: float) -> dict[str, Any]:
+    """The raw streamed rate against the raw unary one, interleaved in every round."""
+    request = pb.IngestRequest(source=SOURCE, data=PAYLOADS[1]).SerializeToString()
+    unary: list[Load] = []
+    streamed: list[Load] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        await _raw_unary(channel, request, 0.1)  # connect outside the measurement
+        for r in range(rounds):
+            pair = [(unary, _raw_unary), (streamed, _raw_streams)]
+            for loads, measure in pair if r % 2 == 0 else pair[::-1]:
+                loads.append(await measure(channel, request, seconds))
+
+    def rate(loads: list[Load]) -> float:
+        return sum(x.calls for x in loads) / sum(x.seconds for x in loads)
+
+    return row(
+        f"ceiling: raw grpc.aio, no work, 1 ev/req, {DEFAULT_STREAMS_PER_CHANNEL} streams / unary",
+        rate(streamed),
+        rate(unary),
+        "bounds the ≥ 3.00 row",
+        "events/s",
+    )
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """Rows for bench/run.py. Bounded in time (``quick``: seconds; full: about 80 s)."""
 
@@ -226,11 +302,18 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             try:
                 registry_address = registry.wait_ready()
                 plugin = _plugin(registry_address)
-                return await _bench(quick, registry_address, plugin.wait_ready())
+                rows = await _bench(quick, registry_address, plugin.wait_ready())
             finally:
                 if plugin is not None:
                     plugin.stop()
                 registry.stop()
+        echo = _raw_echo()
+        try:
+            rounds, seconds = (1, 0.25) if quick else (6, 1.0)
+            rows.append(await _ceiling(echo.wait_ready(), rounds, seconds))
+        finally:
+            echo.stop()
+        return rows
 
     return asyncio.run(main())
 
