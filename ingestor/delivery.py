@@ -1,6 +1,19 @@
 """How one ``emit`` call delivers its events: what is resent, when, and what failed.
 
-    delivery = Delivery("audit", events, RetryPolicy())
+    emission = Emission("audit", events, RetryPolicy(), BatchLimits())
+    for delivery in emission.deliveries():      # one EmitRequest's events, in order
+        deliver(delivery)                       # the loop below
+    error = emission.error()                    # PluginEmitError, or None: all delivered
+
+A call's events go out in requests of at most ``max_batch_events`` events and
+``max_batch_bytes`` encoded bytes (:class:`BatchLimits`), in the order given, one
+request after another; a plugin refuses a request over its receive limit (gRPC's
+default: 4 MiB) whole. An event whose own encoding passes ``max_batch_bytes`` is never
+sent: it fails at once, named in the error with an ``EmitError`` saying so, and the
+other events still go. Each request is a :class:`Delivery` of its own, with its own
+attempts; the budget is the call's: a request not started within it is not sent, and
+its events fail as unreachable (so a call takes at most the budget and one attempt):
+
     while True:
         request = delivery.request()            # the events still to deliver
         ...                                     # one Emit on one instance, then one of:
@@ -43,7 +56,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from ingestor.errors import PluginConnectionError, PluginEmitError, PluginError
@@ -53,6 +66,12 @@ DEFAULT_MAX_ATTEMPTS = 4
 DEFAULT_INITIAL_BACKOFF = 0.1
 DEFAULT_MAX_BACKOFF = 2.0
 DEFAULT_RETRY_BUDGET = 60.0
+DEFAULT_MAX_BATCH_EVENTS = 1_000
+# gRPC's default receive limit is 4 MiB (4,194,304 bytes): leave room for the envelope.
+DEFAULT_MAX_BATCH_BYTES = 4_000_000
+MAX_BATCH_EVENTS = 100_000
+MIN_BATCH_BYTES = 1024
+MAX_BATCH_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,10 +106,174 @@ class RetryPolicy:
         return random.uniform(0, ceiling)
 
 
-class Delivery:
-    """The state of one emit call: the events still to deliver and those failed for good.
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """How large one EmitRequest may be, in events and in encoded bytes.
 
-    Not thread-safe: one call's loop drives it. ``clock`` is for tests.
+    ``max_batch_events``: 1 to 100,000 (default 1,000). ``max_batch_bytes``: 1 KiB to
+    64 MiB (default 4,000,000: gRPC's default receive limit of 4 MiB, less a margin).
+
+    Raises (constructor):
+        ValueError: a limit that is not an int in its range (the message names it).
+    """
+
+    max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+
+    def __post_init__(self) -> None:
+        _check_range("max_batch_events", self.max_batch_events, 1, MAX_BATCH_EVENTS)
+        _check_range("max_batch_bytes", self.max_batch_bytes, MIN_BATCH_BYTES, MAX_BATCH_BYTES)
+
+
+def _check_range(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name}: {value!r} is out of range (an int, {low:,} to {high:,})")
+
+
+def encoded_size(event: event_pb.Event) -> int:
+    """The bytes ``event`` adds to an EmitRequest: a tag, its length, the event itself."""
+    return _with_envelope(event.ByteSize())
+
+
+def _with_envelope(size: int) -> int:
+    # The field's one-byte tag and the varint of its length (under 128: one byte).
+    return size + 2 if size < 128 else size + 1 + (size.bit_length() + 6) // 7
+
+
+class Emission:
+    """The state of one emit call: its events split into requests, each a :class:`Delivery`.
+
+    :meth:`deliveries` makes each request's Delivery when the one before is done; all
+    share the call's budget, counted from the call's start. Not thread-safe: one call
+    drives it.
+    """
+
+    def __init__(
+        self,
+        emitter: str,
+        events: Iterable[event_pb.Event],
+        policy: RetryPolicy,
+        limits: BatchLimits,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.emitter = emitter
+        self.policy = policy
+        self.limits = limits
+        self.events = list(events)
+        self.total = len(self.events)
+        self.batches, self.oversized = _split(self.events, limits)
+        self.sent: list[Delivery] = []
+        self._clock = clock
+        self._started = clock()
+
+    def deliveries(self) -> Iterator[Delivery]:
+        """A Delivery for each request in turn (drive each to its end before the next)."""
+        for batch in self.batches:
+            delivery = Delivery(
+                self.emitter, batch, self.policy, clock=self._clock, started=self._started
+            )
+            self.sent.append(delivery)
+            if delivery.remaining() <= 0:
+                why = f"the retry budget ({self.policy.budget:g} s) ran out before it was sent"
+                delivery.unreachable("", PluginConnectionError(f"emitter {self.emitter!r}: {why}"))
+                continue
+            yield delivery
+
+    @property
+    def delivered(self) -> int:
+        return sum(d.delivered for d in self.sent)
+
+    @property
+    def retried(self) -> int:
+        return sum(d.retried for d in self.sent)
+
+    def error(self) -> PluginEmitError | None:
+        """What the call raises: every event not delivered, by id, in the order given."""
+        failing = [(d, e) for d in self.sent if (e := d.error()) is not None]
+        if not self.oversized and len(self.sent) <= 1:
+            return failing[0][1] if failing else None  # one request: its own error, as is
+        if not failing and not self.oversized:
+            return None
+        failed: dict[str, None] = {}
+        explained: dict[str, pb.EmitError] = {}
+        for _, error in failing:
+            failed.update(dict.fromkeys(error.failed_event_ids))
+            for emit_error in error.errors:
+                explained.setdefault(emit_error.event_id, emit_error)
+        limit = self.limits.max_batch_bytes
+        for event, size in self.oversized:
+            if event.id:
+                failed[event.id] = None
+                explained[event.id] = pb.EmitError(
+                    event_id=event.id,
+                    message=f"{size} bytes encoded, over max_batch_bytes ({limit}): not sent",
+                    retryable=False,
+                )
+        order = {event.id: n for n, event in enumerate(self.events) if event.id}
+        ids = sorted(failed, key=order.__getitem__)
+        count = sum(d.failed_count() for d in self.sent) + len(self.oversized)
+        what = f"{count} of {self.total} event(s) not delivered"
+        if self.oversized:
+            event, size = self.oversized[0]
+            what += (
+                f"; {len(self.oversized)} over max_batch_bytes ({limit}) not sent, e.g. "
+                f"{event.id!r} of {size} bytes"
+            )
+        last, last_error = failing[-1] if failing else (None, None)
+        if last is not None:
+            what += (
+                f"; {len(failing)} of {len(self.sent)} request(s) failed, the last after "
+                f"{last.attempts} attempt(s): {last.cause}"
+            )
+        return PluginEmitError(
+            f"emitter {self.emitter!r}: {what}",
+            failed_event_ids=ids,
+            errors=[explained[i] for i in ids if i in explained],
+            address=last_error.address if last_error is not None else "",
+            code=last_error.code if last_error is not None else "",
+            emitter=self.emitter,
+        )
+
+    @property
+    def cause(self) -> PluginError | None:
+        """The last failure of the last request that lost events (what the error chains)."""
+        for delivery in reversed(self.sent):
+            if delivery.failed_count() or delivery.pending:
+                return delivery.cause
+        return None
+
+
+def _split(
+    events: list[event_pb.Event], limits: BatchLimits
+) -> tuple[list[list[event_pb.Event]], list[tuple[event_pb.Event, int]]]:
+    """The requests' events, in order, within ``limits``; and the events too big to send."""
+    batches: list[list[event_pb.Event]] = []
+    oversized: list[tuple[event_pb.Event, int]] = []
+    batch: list[event_pb.Event] = []
+    size = 0
+    for event in events:
+        cost = _with_envelope(event.ByteSize())
+        if cost > limits.max_batch_bytes:
+            oversized.append((event, cost))
+            continue
+        if batch and (
+            len(batch) >= limits.max_batch_events or size + cost > limits.max_batch_bytes
+        ):
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append(event)
+        size += cost
+    if batch:
+        batches.append(batch)
+    return batches, oversized
+
+
+class Delivery:
+    """One request of an emit call: the events still to deliver and those failed for good.
+
+    Not thread-safe: one call's loop drives it. ``clock`` is for tests; ``started``
+    (on ``clock``) is when the call's budget began, by default now.
     """
 
     def __init__(
@@ -100,6 +283,7 @@ class Delivery:
         policy: RetryPolicy,
         *,
         clock: Callable[[], float] = time.monotonic,
+        started: float | None = None,
     ) -> None:
         self.emitter = emitter
         self.policy = policy
@@ -112,7 +296,7 @@ class Delivery:
         self.address = ""
         self._order = {event.id: n for n, event in enumerate(self.pending) if event.id}
         self._clock = clock
-        self._started = clock()
+        self._started = clock() if started is None else started  # the budget's start
         self._failed: dict[str, pb.EmitError | None] = {}
         self._failed_unnamed = 0
         self._last: PluginError | None = None

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from ingestor.breaker import BreakerSettings
 from ingestor.connection import DEFAULT_CHANNELS_PER_ENDPOINT
-from ingestor.delivery import RetryPolicy
+from ingestor.delivery import DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_EVENTS, RetryPolicy
 from ingestor.emitter import DEFAULT_CONNECT_TIMEOUT, DEFAULT_EMIT_TIMEOUT, ExternalEmitter
 from ingestor.errors import PluginEmitError, PluginError
 from ingestor.metrics import gateway_metrics
@@ -73,6 +73,8 @@ class EmitterSettings:
     breaker: BreakerSettings | None = None
     metrics: CollectorRegistry | None = None
     channels_per_endpoint: int = DEFAULT_CHANNELS_PER_ENDPOINT
+    max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
 
 
 class EmitterRoutes:
@@ -233,6 +235,8 @@ class EmitterRoutes:
                     breaker=settings.breaker,
                     metrics=settings.metrics,
                     channels_per_endpoint=settings.channels_per_endpoint,
+                    max_batch_events=settings.max_batch_events,
+                    max_batch_bytes=settings.max_batch_bytes,
                 )
                 self._dynamic[name] = emitter
             return emitter

@@ -3,10 +3,11 @@
 emitter = ExternalEmitter("audit", "127.0.0.1:9002")                    # static
 emitter = ExternalEmitter("audit", resolver=RegistryResolver(registry))  # by emitter name
 emitter.emit(events)                 # any thread; PluginEmitError names what failed
-await emitter.emit_async(events)
+await emitter.emit_async(events)     # in requests of at most 1,000 events / 4,000,000 bytes
 emitter.close()                      # calls Shutdown on every instance it used
 
-What is resent and when, and the delivery guarantee, are in :mod:`ingestor.delivery`.
+How a batch is split into requests, what is resent and when, and the delivery
+guarantee, are in :mod:`ingestor.delivery`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from prometheus_client import CollectorRegistry
 from ingestor import _loop
 from ingestor.breaker import BreakerSettings
 from ingestor.connection import DEFAULT_CHANNELS_PER_ENDPOINT, ConnectionPool, PluginService
-from ingestor.delivery import Delivery, RetryPolicy
+from ingestor.delivery import (
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_BATCH_EVENTS,
+    BatchLimits,
+    Delivery,
+    Emission,
+    RetryPolicy,
+)
 from ingestor.errors import PluginConnectionError, PluginEmitError, PluginError
 from ingestor.failures import Verdict
 from ingestor.metrics import GatewayMetrics, gateway_metrics
@@ -65,6 +73,15 @@ class ExternalEmitter(PluginClient):
     resolver drops has its channel closed. Each Emit has ``emit_timeout`` seconds (cut
     to what is left of the retry budget).
 
+    Batches (:class:`~ingestor.delivery.BatchLimits`): an ``emit`` sends its events in
+    order, in EmitRequests of at most ``max_batch_events`` events (1 to 100,000, default
+    1,000) and ``max_batch_bytes`` encoded bytes (1 KiB to 64 MiB, default 4,000,000:
+    under gRPC's default 4 MiB receive limit), one after another, each with its own
+    retries. An event whose encoding alone is over ``max_batch_bytes`` is not sent: it
+    is named in the PluginEmitError (with a gateway-made ``EmitError`` saying so) and
+    the other events still go. The error names every event not delivered, across the
+    requests, in the order given.
+
     Retries (:class:`~ingestor.delivery.RetryPolicy`, ``retry``): a transport failure
     resends every event of the attempt, a retryable ``EmitError`` only the events it
     names, on another instance where there is one, after a jittered exponential
@@ -85,14 +102,15 @@ class ExternalEmitter(PluginClient):
 
     ``address_policy``, ``host_resolver``, ``tls``, ``channel_options``,
     ``channels_per_endpoint`` and ``breaker`` are ExternalIngestor's. ``metrics``: a
-    CollectorRegistry to count emitted, failed and retried events on
+    CollectorRegistry to count emitted, failed and retried events on, and to report
+    the breaker of each endpoint at scrapes until the emitter is closed
     (:mod:`ingestor.metrics`).
 
     Raises (constructor):
         ValueError: neither or both of ``address`` and ``resolver``, a timeout that is
             not positive, an ``address`` that does not parse, unusable ``tls`` files,
-            ``channels_per_endpoint`` out of range, or ``metrics`` holding other
-            families of the gateway's names.
+            ``channels_per_endpoint``, ``max_batch_events`` or ``max_batch_bytes`` out
+            of range, or ``metrics`` holding other families of the gateway's names.
     """
 
     def __init__(
@@ -112,11 +130,15 @@ class ExternalEmitter(PluginClient):
         tls: TlsFiles | None = None,
         metrics: CollectorRegistry | None = None,
         channels_per_endpoint: int = DEFAULT_CHANNELS_PER_ENDPOINT,
+        max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     ) -> None:
         if (address is None) == (resolver is None):
             raise ValueError("give exactly one of address and resolver")
         if min(connect_timeout, emit_timeout, shutdown_timeout) <= 0:
             raise ValueError("connect_timeout, emit_timeout and shutdown_timeout must be positive")
+        # Checked before the base class subscribes to the resolver.
+        self.batch_limits = BatchLimits(max_batch_events, max_batch_bytes)
         super().__init__(
             f"emitter {emitter_name!r}",
             address,
@@ -139,6 +161,8 @@ class ExternalEmitter(PluginClient):
         self._used_lock = threading.Lock()
         self._closing = False
         self._close_tasks: set[asyncio.Task[None]] = set()
+        if self.gateway_metrics is not None:
+            self.gateway_metrics.add_emitter(self)  # forgotten when it closes
 
     def __repr__(self) -> str:
         target = self.address if self.address is not None else f"resolver={self.resolver!r}"
@@ -149,43 +173,30 @@ class ExternalEmitter(PluginClient):
     async def emit_async(self, events: Iterable[event_pb.Event]) -> None:
         """Deliver ``events`` through the emitter plugin, retrying as the policy allows.
 
-        Returns once every event was delivered (an empty batch sends nothing).
+        Returns once every event was delivered (an empty batch sends nothing). The
+        requests (within ``max_batch_events`` and ``max_batch_bytes``) go one after
+        another, each retried on its own.
 
         Raises:
             PluginEmitError: some events were not delivered: the plugin failed them for
                 good, answered an error status, or could not be reached within the
-                retries (``__cause__`` is then the PluginConnectionError);
-                ``failed_event_ids`` names exactly those events.
+                retries (``__cause__`` is then the PluginConnectionError), or an event
+                was over ``max_batch_bytes``; ``failed_event_ids`` names exactly those
+                events, across the requests, in the order given.
             PluginError: the emitter is closed, or its resolver is.
-        Cancellation cancels the RPC in flight; events of that attempt may have been
-        delivered.
+        Cancellation cancels the RPC in flight; events of that attempt, and of the
+        requests before, may have been delivered.
         """
-        delivery = self._start(events)
-        if delivery is None:
+        emission = self._start(events)
+        if emission is None:
             return
         pool = self._pool()
         try:
-            while True:
-                request = delivery.request()
-                endpoint = await self._next_endpoint_async(delivery)
-                if endpoint is not None:
-                    try:
-                        response = await self._call_on_async(
-                            pool, endpoint, "Emit", request, self._timeout(delivery), self._decode
-                        )
-                    except Unreachable as exc:
-                        delivery.unreachable(endpoint.address, exc.error, _code(exc))
-                    except PluginEmitError as exc:
-                        delivery.refused(endpoint.address, exc)
-                    else:
-                        delivery.answered(endpoint.address, response)
-                delay = self._next_delay(delivery)
-                if delay is None:
-                    break
-                await asyncio.sleep(delay)
+            for delivery in emission.deliveries():
+                await self._deliver_async(pool, delivery)
         finally:
-            self._count(delivery)
-        _raise_failures(delivery)
+            self._count(emission)
+        _raise_failures(emission)
 
     def emit(self, events: Iterable[event_pb.Event]) -> None:
         """Synchronous :meth:`emit_async`, on the caller's thread (any without a running loop).
@@ -197,40 +208,62 @@ class ExternalEmitter(PluginClient):
                 ``await emit_async(events)`` there); and as :meth:`emit_async`.
         """
         _loop.refuse_inside_loop("ExternalEmitter.emit", "emit_async(events)")
-        delivery = self._start(events)
-        if delivery is None:
+        emission = self._start(events)
+        if emission is None:
             return
         pool = self._sync_pool()
         try:
-            while True:
-                request = delivery.request()
-                endpoint = self._next_endpoint_sync(delivery)
-                if endpoint is not None:
-                    try:
-                        response = self._call_on_sync(
-                            pool, endpoint, "Emit", request, self._timeout(delivery), self._decode
-                        )
-                    except Unreachable as exc:
-                        delivery.unreachable(endpoint.address, exc.error, _code(exc))
-                    except PluginEmitError as exc:
-                        delivery.refused(endpoint.address, exc)
-                    else:
-                        delivery.answered(endpoint.address, response)
-                delay = self._next_delay(delivery)
-                if delay is None:
-                    break
-                time.sleep(delay)
+            for delivery in emission.deliveries():
+                self._deliver_sync(pool, delivery)
         finally:
-            self._count(delivery)
-        _raise_failures(delivery)
+            self._count(emission)
+        _raise_failures(emission)
 
-    # -- one attempt ---------------------------------------------------------------------
+    # -- one request, its attempts ------------------------------------------------------
 
-    def _start(self, events: Iterable[event_pb.Event]) -> Delivery | None:
+    async def _deliver_async(self, pool: ConnectionPool, delivery: Delivery) -> None:
+        """Attempt one request until it is delivered or out of attempts or budget."""
+        while True:
+            request = delivery.request()
+            endpoint = await self._next_endpoint_async(delivery)
+            if endpoint is not None:
+                try:
+                    response = await self._call_on_async(
+                        pool, endpoint, "Emit", request, self._timeout(delivery), self._decode
+                    )
+                except (Unreachable, PluginEmitError) as exc:
+                    _failed(delivery, endpoint, exc)
+                else:
+                    delivery.answered(endpoint.address, response)
+            delay = self._next_delay(delivery)
+            if delay is None:
+                return
+            await asyncio.sleep(delay)
+
+    def _deliver_sync(self, pool: SyncPool, delivery: Delivery) -> None:
+        """:meth:`_deliver_async` over synchronous channels, sleeping on this thread."""
+        while True:
+            request = delivery.request()
+            endpoint = self._next_endpoint_sync(delivery)
+            if endpoint is not None:
+                try:
+                    response = self._call_on_sync(
+                        pool, endpoint, "Emit", request, self._timeout(delivery), self._decode
+                    )
+                except (Unreachable, PluginEmitError) as exc:
+                    _failed(delivery, endpoint, exc)
+                else:
+                    delivery.answered(endpoint.address, response)
+            delay = self._next_delay(delivery)
+            if delay is None:
+                return
+            time.sleep(delay)
+
+    def _start(self, events: Iterable[event_pb.Event]) -> Emission | None:
         if self._closing:
             raise PluginError(f"{self!r} is closed")
-        delivery = Delivery(self.emitter_name, events, self.retry)
-        return delivery if delivery.pending else None
+        emission = Emission(self.emitter_name, events, self.retry, self.batch_limits)
+        return emission if emission.total else None
 
     async def _next_endpoint_async(self, delivery: Delivery) -> Endpoint | None:
         """The attempt's endpoint (its breaker's permit held); None: recorded as unreachable."""
@@ -276,11 +309,13 @@ class ExternalEmitter(PluginClient):
             )
         return delay
 
-    def _count(self, delivery: Delivery) -> None:
+    def _count(self, emission: Emission) -> None:
         metrics: GatewayMetrics | None = self.gateway_metrics
         if metrics is not None:
-            failed = delivery.failed_count() + len(delivery.pending)
-            metrics.emitted(self.emitter_name, delivery.delivered, failed, delivery.retried)
+            # Failed: every event not delivered (in flight or never sent, on cancellation).
+            delivered = emission.delivered
+            failed = emission.total - delivered
+            metrics.emitted(self.emitter_name, delivered, failed, emission.retried)
 
     def _decode(self, endpoint: Endpoint, raw: bytes) -> pb.EmitResponse:
         try:
@@ -413,7 +448,15 @@ def _code(exc: Unreachable) -> str:
     return "UNAVAILABLE"
 
 
-def _raise_failures(delivery: Delivery) -> None:
-    error = delivery.error()
+def _failed(delivery: Delivery, endpoint: Endpoint, exc: Unreachable | PluginEmitError) -> None:
+    """Record an attempt that got no usable answer (no answer, or an error status)."""
+    if isinstance(exc, Unreachable):
+        delivery.unreachable(endpoint.address, exc.error, _code(exc))
+    else:
+        delivery.refused(endpoint.address, exc)
+
+
+def _raise_failures(emission: Emission) -> None:
+    error = emission.error()
     if error is not None:
-        raise error from delivery.cause
+        raise error from emission.cause

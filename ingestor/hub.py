@@ -25,7 +25,12 @@ from ingestor.answer import DEFAULT_MAX_EVENTS, DEFAULT_MAX_RESPONSE_BYTES, Answ
 from ingestor.breaker import BreakerSettings
 from ingestor.connection import DEFAULT_CHANNELS_PER_ENDPOINT, check_channels_per_endpoint
 from ingestor.context import IngestContext
-from ingestor.delivery import RetryPolicy
+from ingestor.delivery import (
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_BATCH_EVENTS,
+    BatchLimits,
+    RetryPolicy,
+)
 from ingestor.emit_routes import EmitResult, EmitterRoutes, EmitterSettings
 from ingestor.emitter import DEFAULT_EMIT_TIMEOUT, ExternalEmitter
 from ingestor.errors import PluginError
@@ -55,15 +60,17 @@ class Hub(Closing):
 
     Events go out through emitters: static ones added with :meth:`emitter` and, with
     a resolver, every emitter a registered plugin has (made on first use with
-    ``connect_timeout``, ``emit_timeout``, ``retry``, ``breaker`` and ``metrics``).
+    ``connect_timeout``, ``emit_timeout``, ``retry``, ``breaker``, ``metrics``,
+    ``channels_per_endpoint``, ``max_batch_events`` and ``max_batch_bytes``).
     :meth:`emit` sends each event to the emitters its ``route_to`` names (all of them
     when empty) and returns an :class:`~ingestor.emit_routes.EmitResult`; events no
     emitter takes are counted in :attr:`dropped` and the gateway metrics. The hub
     owns its emitters too: closing it calls their Shutdown and closes them.
 
     Raises (constructor):
-        ValueError: a limit is out of range (``channels_per_endpoint`` among them), or
-            ``metrics`` holds other families of the gateway's names.
+        ValueError: a limit is out of range (``channels_per_endpoint``,
+            ``max_batch_events`` and ``max_batch_bytes`` among them; the message names
+            it), or ``metrics`` holds other families of the gateway's names.
     """
 
     def __init__(
@@ -79,9 +86,12 @@ class Hub(Closing):
         channels_per_endpoint: int = DEFAULT_CHANNELS_PER_ENDPOINT,
         emit_timeout: float = DEFAULT_EMIT_TIMEOUT,
         retry: RetryPolicy | None = None,
+        max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     ) -> None:
         self.resolver = resolver
         self.channels_per_endpoint = check_channels_per_endpoint(channels_per_endpoint)
+        batch = BatchLimits(max_batch_events, max_batch_bytes)  # refused now, not at first use
         self.metrics = metrics
         self._metrics = gateway_metrics(metrics)
         self.connect_timeout = connect_timeout
@@ -96,7 +106,14 @@ class Hub(Closing):
         self._emitters = EmitterRoutes(
             resolver,
             EmitterSettings(
-                connect_timeout, emit_timeout, retry, breaker, metrics, self.channels_per_endpoint
+                connect_timeout,
+                emit_timeout,
+                retry,
+                breaker,
+                metrics,
+                self.channels_per_endpoint,
+                batch.max_batch_events,
+                batch.max_batch_bytes,
             ),
         )
 

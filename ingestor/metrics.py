@@ -25,6 +25,8 @@ number of ingestors, hubs and resolvers report into the same families:
   (none named in ``route_to`` exists; no label: the event's data chose the names).
 - ``polku_gateway_breaker_state{source, endpoint}``: 0 closed, 1 half-open, 2 open, for
   each endpoint an ingestor has called, read at scrape time.
+- ``polku_gateway_emitter_breaker_state{emitter, endpoint}``: the same, for each
+  endpoint an ``ExternalEmitter`` has called.
 - ``polku_gateway_resolver_staleness_seconds{registry}``: seconds since a live Watch
   last confirmed a resolver's view (``+Inf`` before its first snapshot), read at scrape.
 
@@ -64,6 +66,12 @@ class _Ingests(Protocol):
 
 class _Breakers(Protocol):
     source: str
+
+    def breaker_states(self) -> dict[str, BreakerState]: ...
+
+
+class _EmitterBreakers(Protocol):
+    emitter_name: str
 
     def breaker_states(self) -> dict[str, BreakerState]: ...
 
@@ -111,6 +119,7 @@ class GatewayMetrics:
         )
         self._lock = threading.Lock()
         self._ingestors: weakref.WeakSet[_Breakers] = weakref.WeakSet()
+        self._emitters: weakref.WeakSet[_EmitterBreakers] = weakref.WeakSet()
         self._resolvers: weakref.WeakSet[_Resolves] = weakref.WeakSet()
         registry.register(_Live(self))
 
@@ -121,15 +130,21 @@ class GatewayMetrics:
         with self._lock:
             self._ingestors.add(ingestor)
 
+    def add_emitter(self, emitter: _EmitterBreakers) -> None:
+        """Report ``emitter``'s breakers at scrapes until :meth:`forget` (or it is gone)."""
+        with self._lock:
+            self._emitters.add(emitter)
+
     def add_resolver(self, resolver: _Resolves) -> None:
         """Report ``resolver``'s staleness at scrapes until :meth:`forget` (or it is gone)."""
         with self._lock:
             self._resolvers.add(resolver)
 
     def forget(self, component: object) -> None:
-        """Stop reporting a closed ingestor or resolver."""
+        """Stop reporting a closed ingestor, emitter or resolver."""
         with self._lock:
             self._ingestors.discard(component)  # type: ignore[arg-type]
+            self._emitters.discard(component)  # type: ignore[arg-type]
             self._resolvers.discard(component)  # type: ignore[arg-type]
 
     def ingested(self, source: str, seconds: float, result: IngestResult) -> None:
@@ -159,9 +174,9 @@ class GatewayMetrics:
 
     # -- what a scrape reads -------------------------------------------------------------
 
-    def components(self) -> tuple[list[_Breakers], list[_Resolves]]:
+    def components(self) -> tuple[list[_Breakers], list[_EmitterBreakers], list[_Resolves]]:
         with self._lock:
-            return list(self._ingestors), list(self._resolvers)
+            return list(self._ingestors), list(self._emitters), list(self._resolvers)
 
 
 def error_kind(error: PluginError) -> str:
@@ -185,17 +200,13 @@ class _Live:
         return list(_families())
 
     def collect(self) -> Iterable[Metric]:
-        breakers, staleness = _families()
+        breakers, emitter_breakers, staleness = _families()
         metrics = self._metrics()
-        ingestors, resolvers = metrics.components() if metrics is not None else ([], [])
-        states: dict[tuple[str, str], int] = {}
-        for ingestor in ingestors:
-            for endpoint, state in ingestor.breaker_states().items():
-                key = (ingestor.source, endpoint)
-                # Two ingestors of one source may call one endpoint: the worse state shows.
-                states[key] = max(states.get(key, 0), BREAKER_VALUES[state])
-        for (source, endpoint), number in sorted(states.items()):
-            breakers.add_metric([source, endpoint], number)
+        ingestors, emitters, resolvers = (
+            metrics.components() if metrics is not None else ([], [], [])
+        )
+        _add_breakers(breakers, [(i.source, i.breaker_states()) for i in ingestors])
+        _add_breakers(emitter_breakers, [(e.emitter_name, e.breaker_states()) for e in emitters])
         ages: dict[str, float] = {}
         for resolver in resolvers:
             # Several resolvers of one registry: the freshest view stands for it.
@@ -204,15 +215,33 @@ class _Live:
             )
         for address, age in sorted(ages.items()):
             staleness.add_metric([address], age)
-        return [breakers, staleness]
+        return [breakers, emitter_breakers, staleness]
 
 
-def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+def _add_breakers(
+    family: GaugeMetricFamily, clients: list[tuple[str, dict[str, BreakerState]]]
+) -> None:
+    states: dict[tuple[str, str], int] = {}
+    for name, breakers in clients:
+        for endpoint, state in breakers.items():
+            key = (name, endpoint)
+            # Two clients of one name may call one endpoint: the worse state shows.
+            states[key] = max(states.get(key, 0), BREAKER_VALUES[state])
+    for (name, endpoint), number in sorted(states.items()):
+        family.add_metric([name, endpoint], number)
+
+
+def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
     return (
         GaugeMetricFamily(
             PREFIX + "breaker_state",
             "Circuit breaker of each endpoint an ingestor called: 0 closed, 1 half-open, 2 open.",
             labels=["source", "endpoint"],
+        ),
+        GaugeMetricFamily(
+            PREFIX + "emitter_breaker_state",
+            "Circuit breaker of each endpoint an emitter called: 0 closed, 1 half-open, 2 open.",
+            labels=["emitter", "endpoint"],
         ),
         GaugeMetricFamily(
             PREFIX + "resolver_staleness_seconds",
