@@ -11,6 +11,7 @@ reach the leader in batches. Reads and Watch are this replica's own.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -96,6 +97,7 @@ STORE_FAILED = "the registry cannot store changes right now; retry shortly"
 # How long a follower waits for its catalogue to hold a write the leader answered.
 APPLIED_TIMEOUT = 2.0
 INTERNAL_ERROR = "internal error; see the registry's log"
+CANCELLED_UNDER = "the registry could not finish this call (a role change); retry shortly"
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -111,6 +113,15 @@ def _status_mapped(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # the client went away (or the server stops): nobody to answer
+            # Something awaited was cancelled, not this call: gRPC would answer nothing
+            # and the client would wait out its deadline.
+            log.warning("%s: an awaited operation was cancelled", method.__name__)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, CANCELLED_UNDER)
+            raise  # unreachable: abort raises
         except Exception as exc:
             code = next((c for kind, c in _CODES if isinstance(exc, kind)), None)
             message = str(exc)

@@ -12,6 +12,13 @@ Heartbeats are answered by the follower at once and reach the leader in batches 
 the ids renewed since the last one, every ``flush_interval``; a batch that does not
 arrive is kept and sent with the next (one entry per plugin, so it stays bounded by
 the catalogue).
+
+A channel given up (the leader moved, or a batch did not arrive) is closed with a
+grace of ``timeout``: the calls still on it end by their own deadline, not by a
+cancellation. A forwarded call cancelled here all the same (the link stopping)
+raises :class:`RegistryUnavailable`: a ``CancelledError`` out of a handler is taken
+by gRPC for the client's own cancellation and answered with nothing, so the client
+would wait out its whole deadline (SPEC §8: writes answer ``UNAVAILABLE`` meanwhile).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ log = logging.getLogger(__name__)
 
 REVISION_KEY = "x-polku-revision"
 _MAX_BATCH = 5000  # heartbeats per forwarded batch
+UNREACHABLE = "the registry leader cannot be reached right now; retry shortly"
 NO_LEADER = "no registry leader is known right now (an election is under way); retry shortly"
 
 
@@ -62,6 +70,8 @@ class LeaderLink:
         self._replica: pb_grpc.RegistryReplicaStub | None = None
         self._heartbeats: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
+        # Channels given up, closing with a grace so the calls on them end on their own.
+        self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}
         self.refused = 0  # forwarded heartbeats the leader did not renew
 
     def start(self) -> None:
@@ -69,9 +79,15 @@ class LeaderLink:
             self._task = asyncio.create_task(self._flush_loop(), name="registry-heartbeat-batches")
 
     async def stop(self) -> None:
+        """Stop batching and close every channel now (calls still on them answer
+        :class:`RegistryUnavailable`)."""
         task, self._task = self._task, None
         await cancel_and_wait(task)
         await self._close()
+        retiring, self._retiring = self._retiring, {}
+        for closing, channel in retiring.items():
+            await cancel_and_wait(closing)
+            await channel.close()
 
     def metadata(self, principal: Principal | None, peer: str) -> tuple[tuple[str, str], ...]:
         entries = [(FORWARDED_FOR_KEY, principal.name if principal is not None else "")]
@@ -98,10 +114,13 @@ class LeaderLink:
             response = await call
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                raise RegistryUnavailable(
-                    "the registry leader cannot be reached right now; retry shortly"
-                ) from exc
+                raise RegistryUnavailable(UNREACHABLE) from exc
             raise
+        except asyncio.CancelledError:
+            if _cancelled_here():
+                raise
+            # Only the call was cancelled (its channel closed under it): not the caller.
+            raise RegistryUnavailable(UNREACHABLE) from None
         revision = 0
         for key, value in await call.trailing_metadata() or ():
             if key == REVISION_KEY and str(value).isdigit():
@@ -144,8 +163,12 @@ class LeaderLink:
             )
         except grpc.aio.AioRpcError as exc:
             log.debug("heartbeat batch not delivered: %s", exc.details())
-            await self._close()
+            self._retire()  # a fresh channel next time; forwarded writes on it go on
             raise RegistryUnavailable("the registry leader cannot be reached") from exc
+        except asyncio.CancelledError:
+            if _cancelled_here():
+                raise
+            raise RegistryUnavailable("the registry leader cannot be reached") from None
         for plugin_id, principal in batch.items():
             if self._heartbeats.get(plugin_id) == principal:
                 del self._heartbeats[plugin_id]
@@ -158,9 +181,7 @@ class LeaderLink:
         if address is None:
             raise RegistryUnavailable(NO_LEADER)
         if address != self._address or self._registry is None or self._replica is None:
-            old = self._channel
-            if old is not None:
-                asyncio.get_running_loop().create_task(old.close())
+            self._retire()
             if self._credentials is not None:
                 channel = grpc.aio.secure_channel(address, self._credentials)
             else:
@@ -170,8 +191,26 @@ class LeaderLink:
             self._replica = pb_grpc.RegistryReplicaStub(channel)
         return self._registry, self._replica
 
+    def _retire(self) -> None:
+        """Give the current channel up: new calls get a new one; those on it may end
+        within ``timeout`` before it is closed."""
+        channel, self._channel = self._channel, None
+        self._address = self._registry = self._replica = None
+        if channel is not None:
+            closing = asyncio.get_running_loop().create_task(
+                channel.close(grace=self.timeout), name="registry-leader-channel-close"
+            )
+            self._retiring[closing] = channel
+            closing.add_done_callback(lambda done: self._retiring.pop(done, None))
+
     async def _close(self) -> None:
         channel, self._channel = self._channel, None
         self._address = self._registry = self._replica = None
         if channel is not None:
             await channel.close()
+
+
+def _cancelled_here() -> bool:
+    """Whether the running task itself is being cancelled (not merely a call it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
