@@ -86,6 +86,8 @@ class Journal:
             await asyncio.wait_for(task, STOP_TIMEOUT)
         except TimeoutError:
             log.error("registry journal did not finish its last write in %ss", STOP_TIMEOUT)
+        # Nobody writes any more: a commit still waiting would wait for ever.
+        self._fail_staged(StoreError("the registry stopped writing; retry shortly"))
 
     def record(self, change: Change, ownership: OwnershipChange | None = None) -> None:
         """Stage a change and the ownership it recorded; :meth:`commit` makes both durable."""
@@ -139,7 +141,8 @@ class Journal:
                 await self._on_failed(exc)
             except Exception:  # keep the writer alive whatever happens
                 log.exception("registry journal failed")
-            if self._stopping:
+            # Stopping: what was staged during the last write is written too.
+            if self._stopping and not (self._waiters or self._batch or self._touched):
                 return
 
     def reset(self, revision: int) -> None:
@@ -193,11 +196,13 @@ class Journal:
             raise
         if batch and self._on_write is not None:
             _report(self._on_write, time.perf_counter() - started, batch)
-        if batch.changes:
-            self._on_committed(batch.changes)
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        try:
+            if batch.changes:
+                self._on_committed(batch.changes)
+        finally:  # durable whatever a listener did: no commit waits for ever
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
 
 def _report(on_write: Callable[[float, int], None], seconds: float, batch: Batch) -> None:
