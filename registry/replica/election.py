@@ -105,7 +105,10 @@ class Election:
 
     ``on_elected(lease)`` runs when this replica wins (it must catch up before it
     writes); ``on_deposed()`` when it loses the lease or gives it up. Both run on
-    the election's own task, one at a time, so roles never interleave.
+    the election's own task, one at a time, so roles never interleave. A take-over
+    has the lease's length to finish, not the round's third of it: cut off halfway,
+    it would leave a leader that renews its lease but never serves. One that fails or
+    runs out of time gives the lease up.
     """
 
     def __init__(
@@ -193,7 +196,7 @@ class Election:
                 if self.lease is not None:
                     await self._renew(self.lease)
                     return interval
-                return await self._campaign(interval)
+                delay, won = await self._campaign(interval)
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
             log.warning("leader election: the database did not answer: %s", exc)
             lease = self.lease
@@ -205,6 +208,23 @@ class Election:
         except Exception:
             log.exception("leader election failed")
             return interval
+        if won is not None:
+            began = time.monotonic()
+            await self._take_over_as(won)
+            if time.monotonic() - began > interval:
+                return 0.0  # the lease ran on during a slow take-over: renew it now
+        return delay
+
+    async def _take_over_as(self, lease: LeaderLease) -> None:
+        """Run ``on_elected``, bounded by the lease; give the lease up when it fails."""
+        try:
+            async with asyncio.timeout(self.lease_seconds):
+                await self._on_elected(lease)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # TimeoutError among them
+            log.exception("taking over as leader failed; giving the lease up")
+            await self.depose(lease)
 
     async def _renew(self, lease: LeaderLease) -> None:
         if not lease.holds():
@@ -221,7 +241,8 @@ class Election:
         else:
             lease.extend(sent + self.lease_seconds)
 
-    async def _campaign(self, interval: float) -> float:
+    async def _campaign(self, interval: float) -> tuple[float, LeaderLease | None]:
+        """One attempt at the lease: the delay to the next round, and the lease if won."""
         sent = time.monotonic()
         take_over, self._take_over = self._take_over, False
         async with self._engine.begin() as conn:
@@ -240,17 +261,12 @@ class Election:
             self.lease = lease
             self._set_leader(LeaderInfo(lease.epoch, self.holder, self.address, self.lease_seconds))
             log.info("elected leader of epoch %d", lease.epoch)
-            try:
-                await self._on_elected(lease)
-            except Exception:
-                log.exception("taking over as leader failed; giving the lease up")
-                await self.depose(lease)
-            return interval
+            return interval, lease
         assert row is not None
         info = LeaderInfo(int(row.epoch), str(row.holder), str(row.address), float(row.remaining))
         self._set_leader(info)
         # Wake right when the lease runs out, should its holder be gone.
-        return min(interval, max(0.01, info.remaining + 0.01)) if info.held else 0.05
+        return (min(interval, max(0.01, info.remaining + 0.01)) if info.held else 0.05), None
 
     async def depose(self, lease: LeaderLease) -> None:
         lease.lose()

@@ -127,6 +127,46 @@ async def test_exactly_one_of_two_leads_and_the_other_knows_where(
 
 
 @postgres
+@pytest.mark.parametrize("hangs", [False, True])
+async def test_a_take_over_has_the_lease_to_finish_not_the_round_and_gives_up_past_it(
+    store: SqlStore, hangs: bool
+) -> None:
+    lease = 3.0  # a round is bounded by a third of it
+    roles = Roles()
+    finished: list[int] = []
+
+    async def slow_take_over(won: LeaderLease) -> None:
+        roles.events.append(("elected", won.epoch))
+        # Slower than a round (the simulated work of a take-over, not a wait on another
+        # task); hanging: past the lease.
+        await asyncio.sleep(lease * 2 if hangs else lease / 2)
+        finished.append(won.epoch)
+
+    election = Election(
+        store.engine,
+        holder=new_holder_id(),
+        address="127.0.0.1:50051",
+        lease=lease,
+        on_elected=slow_take_over,
+        on_deposed=roles.deposed,
+    )
+    try:
+        await asyncio.wait_for(election.campaign_once(), DEADLINE)
+        if hangs:  # cut off at the lease: it gives the lease up rather than half-lead
+            assert finished == []
+            assert roles.events == [("elected", 1), ("deposed", 0)]
+            assert not election.leading
+        else:  # the round's bound did not cut it off: it leads, and renews
+            assert finished == [1]
+            assert roles.events == [("elected", 1)]
+            await election.campaign_once()
+            assert election.leading
+            assert await leader_row(store.engine) == (1, election.holder, election.address)
+    finally:
+        await election.stop()
+
+
+@postgres
 async def test_a_leader_that_resigns_hands_over_with_the_next_epoch(
     make_election: MakeElection, store: SqlStore, pg_url: str
 ) -> None:
