@@ -88,13 +88,7 @@ def check_stream_in_flight(value: int) -> int:
     Raises:
         ValueError: it is not, naming ``stream_in_flight``.
     """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"stream_in_flight must be an integer, not {value!r}")
-    if not 1 <= value <= MAX_STREAM_IN_FLIGHT:
-        raise ValueError(
-            f"stream_in_flight must be an integer from 1 to {MAX_STREAM_IN_FLIGHT}, not {value}"
-        )
-    return value
+    return _checked_count("stream_in_flight", value, MAX_STREAM_IN_FLIGHT)
 
 
 def check_streams_per_channel(value: int) -> int:
@@ -103,13 +97,14 @@ def check_streams_per_channel(value: int) -> int:
     Raises:
         ValueError: it is not, naming ``streams_per_channel``.
     """
+    return _checked_count("streams_per_channel", value, MAX_STREAMS_PER_CHANNEL)
+
+
+def _checked_count(name: str, value: int, most: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"streams_per_channel must be an integer, not {value!r}")
-    if not 1 <= value <= MAX_STREAMS_PER_CHANNEL:
-        raise ValueError(
-            "streams_per_channel must be an integer from 1 to "
-            f"{MAX_STREAMS_PER_CHANNEL}, not {value}"
-        )
+        raise ValueError(f"{name} must be an integer, not {value!r}")
+    if not 1 <= value <= most:
+        raise ValueError(f"{name} must be an integer from 1 to {most}, not {value}")
     return value
 
 

@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ingestor import RetryPolicy
+from registry.sdk import PluginHost
 from registry.wire import event_pb, pb
 
 FAST = RetryPolicy(max_attempts=4, initial_backoff=0.01, max_backoff=0.05, budget=10.0)
@@ -55,3 +56,29 @@ class Sink:
 
     def received(self) -> list[str]:
         return [i for request in self.requests for i in request]
+
+
+class EmitterHosts:
+    """SDK emitter plugins over sinks, registered with one registry, stopped together.
+
+    ``hosts.make(sink, emitter_name, name=...)``: a PluginHost (not started) whose
+    ``emit`` and ``shutdown`` are the sink's; ``name`` defaults to ``EMITTER-plugin``.
+    """
+
+    def __init__(self, registry: str) -> None:
+        self.registry = registry
+        self.made: list[PluginHost] = []
+
+    def make(self, sink: Sink, emitter_name: str = "sink", *, name: str = "") -> PluginHost:
+        plugin = PluginHost(
+            {"name": name or f"{emitter_name}-plugin", "emitter_name": emitter_name},
+            emit=sink.emit,
+            shutdown=sink.shutdown,
+            registry=self.registry,
+        )
+        self.made.append(plugin)
+        return plugin
+
+    async def stop(self) -> None:
+        for plugin in self.made:
+            await plugin.stop(0)

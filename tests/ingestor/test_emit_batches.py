@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
-from emit_sinks import FAST, Sink, events
+from emit_sinks import FAST, EmitterHosts, Sink, events
 from prometheus_client import CollectorRegistry
 
 from ingestor import ExternalEmitter, Hub, PluginEmitError, RegistryResolver, RetryPolicy
@@ -37,21 +37,9 @@ class SizedSink(Sink):
 
 @pytest.fixture
 async def host(registry: RegistryServer) -> AsyncIterator[Callable[..., PluginHost]]:
-    made: list[PluginHost] = []
-
-    def make(sink: Sink, emitter_name: str = "sink") -> PluginHost:
-        plugin = PluginHost(
-            {"name": f"{emitter_name}-plugin", "emitter_name": emitter_name},
-            emit=sink.emit,
-            shutdown=sink.shutdown,
-            registry=registry.address,
-        )
-        made.append(plugin)
-        return plugin
-
-    yield make
-    for plugin in made:
-        await plugin.stop(0)
+    hosts = EmitterHosts(registry.address)
+    yield hosts.make
+    await hosts.stop()
 
 
 def numbered(count: int, payload: bytes = b"x") -> list[event_pb.Event]:

@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from emit_sinks import FAST, Sink, events
+from emit_sinks import FAST, EmitterHosts, Sink, events
 from prometheus_client import CollectorRegistry
 
 from ingestor import (
@@ -32,21 +32,9 @@ from registry.wire import pb
 @pytest.fixture
 async def host(registry: RegistryServer) -> AsyncIterator[Callable[..., PluginHost]]:
     """Start SDK emitter hosts registered with the test's registry; stopped afterwards."""
-    made: list[PluginHost] = []
-
-    def make(sink: Sink, name: str = "sink", emitter_name: str = "sink") -> PluginHost:
-        plugin = PluginHost(
-            {"name": name, "emitter_name": emitter_name},
-            emit=sink.emit,
-            shutdown=sink.shutdown,
-            registry=registry.address,
-        )
-        made.append(plugin)
-        return plugin
-
-    yield make
-    for plugin in made:
-        await plugin.stop(0)
+    hosts = EmitterHosts(registry.address)
+    yield lambda sink: hosts.make(sink, name="sink")
+    await hosts.stop()
 
 
 def counts(metrics: CollectorRegistry, emitter: str) -> dict[str, float]:

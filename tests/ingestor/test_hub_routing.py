@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from emit_sinks import FAST, Sink
+from emit_sinks import FAST, EmitterHosts, Sink
 from prometheus_client import CollectorRegistry
 
 from ingestor import (
@@ -40,21 +40,9 @@ def event(id: str, *route_to: str) -> event_pb.Event:
 
 @pytest.fixture
 async def hosts(registry: RegistryServer) -> AsyncIterator[Callable[[str, Sink], PluginHost]]:
-    made: list[PluginHost] = []
-
-    def make(name: str, sink: Sink) -> PluginHost:
-        plugin = PluginHost(
-            {"name": f"{name}-plugin", "emitter_name": name},
-            emit=sink.emit,
-            shutdown=sink.shutdown,
-            registry=registry.address,
-        )
-        made.append(plugin)
-        return plugin
-
-    yield make
-    for plugin in made:
-        await plugin.stop(0)
+    made = EmitterHosts(registry.address)
+    yield lambda name, sink: made.make(sink, name)
+    await made.stop()
 
 
 async def test_events_go_to_the_emitters_their_route_to_names_and_the_rest_are_dropped(
