@@ -253,7 +253,7 @@ def _split(
     batch: list[event_pb.Event] = []
     size = 0
     for event in events:
-        cost = _with_envelope(event.ByteSize())
+        cost = encoded_size(event)
         if cost > limits.max_batch_bytes:
             oversized.append((event, cost))
             continue

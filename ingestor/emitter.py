@@ -77,10 +77,10 @@ class ExternalEmitter(PluginClient):
     order, in EmitRequests of at most ``max_batch_events`` events (1 to 100,000, default
     1,000) and ``max_batch_bytes`` encoded bytes (1 KiB to 64 MiB, default 4,000,000:
     under gRPC's default 4 MiB receive limit), one after another, each with its own
-    retries. An event whose encoding alone is over ``max_batch_bytes`` is not sent: it
-    is named in the PluginEmitError (with a gateway-made ``EmitError`` saying so) and
-    the other events still go. The error names every event not delivered, across the
-    requests, in the order given.
+    attempts within the call's one retry budget. An event whose encoding alone is over
+    ``max_batch_bytes`` is not sent: it is named in the PluginEmitError (with a
+    gateway-made ``EmitError`` saying so) and the other events still go. The error
+    names every event not delivered, across the requests, in the order given.
 
     Retries (:class:`~ingestor.delivery.RetryPolicy`, ``retry``): a transport failure
     resends every event of the attempt, a retryable ``EmitError`` only the events it
@@ -175,7 +175,7 @@ class ExternalEmitter(PluginClient):
 
         Returns once every event was delivered (an empty batch sends nothing). The
         requests (within ``max_batch_events`` and ``max_batch_bytes``) go one after
-        another, each retried on its own.
+        another, each retried on its own within the call's retry budget.
 
         Raises:
             PluginEmitError: some events were not delivered: the plugin failed them for

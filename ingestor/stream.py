@@ -239,7 +239,7 @@ class IngestStream:
         if self.unsupported:
             raise Resend(f"plugin at {self.address} does not serve {_STREAM_METHOD}")
         opened = self._open
-        stream = min(opened, key=_Open.load) if opened else None
+        stream = min(opened, key=_owned) if opened else None
         # A free slot means some stream has room: the fullest one is never picked.
         if stream is None or (stream.owned and self.served and len(opened) < self.streams):
             stream = _Open(self, self._method(), self._slots)
@@ -281,9 +281,6 @@ class _Open:
         self._served = False
         self._writer = asyncio.ensure_future(self._write())
         self._reader = asyncio.ensure_future(self._read())
-
-    def load(self) -> int:
-        return self.owned
 
     def send(self, entry: _Pending) -> None:
         self.owned += 1
@@ -393,6 +390,10 @@ class _Open:
         for task in (self._writer, self._reader):
             if task is not here:
                 task.cancel()
+
+
+def _owned(stream: _Open) -> int:
+    return stream.owned
 
 
 def _copy(error: BaseException) -> BaseException:
